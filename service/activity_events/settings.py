@@ -1,0 +1,157 @@
+"""Typed settings, read once at start-up and passed down.
+
+Every setting comes from an environment variable with the ``ACTIVITY_``
+prefix (``ACTIVITY_REDIS_URL``...), except the gRPC port, which keeps the
+original service's plain ``PORT`` (``ACTIVITY_PORT`` is accepted too).
+Nothing else in the package reads the environment for its configuration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "activity-events"
+
+
+class Settings(BaseSettings):
+    """All knobs of the server. Field docs double as the README's settings table."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ACTIVITY_",
+        case_sensitive=False,
+        extra="ignore",
+        frozen=True,
+    )
+
+    # --- gRPC -----------------------------------------------------------------
+    port: int = Field(
+        50051,
+        ge=0,
+        le=65535,
+        validation_alias=AliasChoices("ACTIVITY_PORT", "PORT"),
+        description="gRPC port (legacy name PORT). 0 picks a free port.",
+    )
+    host: str = Field("[::]", description="Address the gRPC server binds to.")
+    reflection: bool = Field(True, description="Serve gRPC server reflection.")
+    grace_seconds: float = Field(
+        10.0, gt=0, description="On SIGTERM/SIGINT, time in-flight calls get to finish."
+    )
+    max_receive_bytes: int = Field(
+        4 * 1024 * 1024, gt=1024, description="Largest gRPC request message accepted."
+    )
+    max_connection_age_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="Connections are closed (GOAWAY) after this age so clients rebalance "
+        "across replicas; 0 disables.",
+    )
+    max_connection_age_grace_seconds: float = Field(
+        30.0, ge=0, description="Time in-flight calls get after a max-age GOAWAY."
+    )
+    max_concurrent_unary: int = Field(
+        1000, gt=0, description="Unary calls served at once; beyond it RESOURCE_EXHAUSTED."
+    )
+    max_followers: int = Field(
+        10000, gt=0, description="Follow streams served at once; beyond it RESOURCE_EXHAUSTED."
+    )
+
+    # --- events ---------------------------------------------------------------
+    max_message_bytes: int = Field(
+        64 * 1024, gt=0, description="Longest event message (UTF-8 bytes)."
+    )
+    max_batch: int = Field(1000, gt=0, description="Most events in one CreateEvents call.")
+    page_size: int = Field(
+        500, gt=0, le=10000, description="Events read from Redis per history page."
+    )
+    retention_max_len: int = Field(
+        0, ge=0, description="Keep about this many events per deployment; 0 keeps all."
+    )
+    retention_max_age_seconds: float = Field(
+        0, ge=0, description="Drop events older than this (approximately); 0 keeps all."
+    )
+
+    # --- followers --------------------------------------------------------------
+    follower_queue: int = Field(
+        1024,
+        gt=0,
+        description="Events buffered per follower; a follower that falls further behind "
+        "is ended with RESOURCE_EXHAUSTED and its last cursor.",
+    )
+    hub_block_ms: int = Field(
+        1000, gt=0, description="Longest blocking XREAD of the follower hub, in ms."
+    )
+
+    # --- Redis ------------------------------------------------------------------
+    redis_url: SecretStr | None = Field(
+        None,
+        description="redis://, rediss:// or unix:// URL. Unset: start an embedded Redis "
+        "under data_dir.",
+    )
+    redis_password: SecretStr | None = Field(
+        None, description="Redis password, when not given in the URL."
+    )
+    redis_max_connections: int = Field(
+        6,
+        gt=0,
+        description="Command connections per replica (the follower hub holds one more). "
+        "Callers wait for a free one rather than opening more.",
+    )
+    redis_timeout_seconds: float = Field(
+        1.0, gt=0, description="Per-command timeout; calls fail with UNAVAILABLE past it."
+    )
+    redis_connect_timeout_seconds: float = Field(1.0, gt=0, description="Connect timeout.")
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        description="Where the embedded Redis keeps its data (only without redis_url).",
+    )
+
+    # --- telemetry ----------------------------------------------------------------
+    log_level: LogLevel = Field("INFO", description="Log level of the JSON logs.")
+    metrics_port: int = Field(
+        9464, ge=0, le=65535, description="HTTP port of /metrics, /healthz, /readyz; 0 picks one."
+    )
+    metrics_host: str = Field("0.0.0.0", description="Address the HTTP side port binds to.")  # noqa: S104
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            scheme = urlsplit(value.get_secret_value()).scheme
+            if scheme not in {"redis", "rediss", "unix"}:
+                raise ValueError(
+                    f"ACTIVITY_REDIS_URL must start with redis://, rediss:// or unix://, "
+                    f"not {scheme or 'nothing'}://"
+                )
+        return value
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``, safe for logs and errors."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    netloc = f"{user}:***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
