@@ -4,6 +4,11 @@ Every setting comes from an environment variable with the ``ACTIVITY_``
 prefix (``ACTIVITY_REDIS_URL``...), except the gRPC port, which keeps the
 original service's plain ``PORT`` (``ACTIVITY_PORT`` is accepted too).
 Nothing else in the package reads the environment for its configuration.
+
+Settings may also come from a Consul KV prefix (``ACTIVITY_CONSUL_PREFIX``,
+with Consul's standard ``CONSUL_HTTP_ADDR`` and ``CONSUL_HTTP_TOKEN``); see
+:mod:`activity_events.consul`. Precedence: explicit arguments > environment >
+Consul > defaults.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from activity_events.consul import DEFAULT_CONSUL_ADDR, ConsulSettingsSource
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -120,6 +127,50 @@ class Settings(BaseSettings):
         9464, ge=0, le=65535, description="HTTP port of /metrics, /healthz, /readyz; 0 picks one."
     )
     metrics_host: str = Field("0.0.0.0", description="Address the HTTP side port binds to.")  # noqa: S104
+
+    # --- Consul KV (read once at start-up) ---------------------------------------
+    consul_prefix: str = Field(
+        "",
+        description="Consul KV prefix holding settings, one key per setting "
+        "(e.g. activity-events); empty: Consul is not used.",
+    )
+    consul_http_addr: str = Field(
+        DEFAULT_CONSUL_ADDR,
+        validation_alias=AliasChoices("CONSUL_HTTP_ADDR", "ACTIVITY_CONSUL_HTTP_ADDR"),
+        description="Consul agent address: host:port or http(s):// URL (standard name "
+        "CONSUL_HTTP_ADDR).",
+    )
+    consul_http_token: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("CONSUL_HTTP_TOKEN", "ACTIVITY_CONSUL_HTTP_TOKEN"),
+        description="Consul ACL token (standard name CONSUL_HTTP_TOKEN).",
+    )
+    consul_timeout_seconds: float = Field(
+        2.0, gt=0, description="Timeout of the one Consul KV request made at start-up."
+    )
+    consul_fallback: bool = Field(
+        False,
+        description="Consul unreachable at start-up: false fails with a clear error, true "
+        "logs a warning and starts from the environment and defaults.",
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Explicit arguments > environment > Consul KV > defaults."""
+        return (
+            init_settings,
+            env_settings,
+            dotenv_settings,
+            file_secret_settings,
+            ConsulSettingsSource(settings_cls),
+        )
 
     @field_validator("log_level", mode="before")
     @classmethod
