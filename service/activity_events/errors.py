@@ -1,0 +1,55 @@
+"""Every exception the service raises on purpose, in one place.
+
+Domain and store code raise these; only the api layer (servicer) turns them
+into gRPC status codes, so the mapping lives in one table there.
+"""
+
+from __future__ import annotations
+
+
+class ActivityError(Exception):
+    """Base of all deliberate errors; the message is safe to show to clients."""
+
+
+class InvalidArgument(ActivityError):
+    """A request field is malformed or out of range. The message names the field."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class Conflict(ActivityError):
+    """The event id is already taken by an event with a different message."""
+
+
+class NotFound(ActivityError):
+    """The named deployment does not exist."""
+
+
+class OutOfRange(ActivityError):
+    """A cursor points before the retained history: events after it were trimmed."""
+
+
+class Exhausted(ActivityError):
+    """A limit was reached (no free event id, too many calls or followers)."""
+
+
+class FollowerLagged(Exhausted):
+    """A follower fell further behind than its queue holds; it may resume from last_cursor."""
+
+    def __init__(self, last_cursor: str | None) -> None:
+        shown = last_cursor or "none"
+        super().__init__(
+            f"follower fell too far behind and was dropped; resume with after={shown} "
+            f"(last cursor {shown})"
+        )
+        self.last_cursor = last_cursor
+
+
+class StoreUnavailable(ActivityError):
+    """Redis could not be reached or answered in time; the call may be retried."""
+
+
+class ShuttingDown(StoreUnavailable):
+    """The server is draining; retry on another replica."""

@@ -1,0 +1,165 @@
+"""The domain model: events, their validation, and cursors.
+
+An event is stored as the protobuf bytes of the legacy ``EventRequest`` (with
+``timestamp.receive`` set), so that history can be served without decoding and
+re-encoding each event. The id field is written by the append script, because
+the script is what assigns ids for ``id == 0``; every other field is encoded
+here, once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from functools import total_ordering
+
+from .errors import InvalidArgument
+from .pb import activityevents_pb2 as pb
+
+INT32_MAX = 2**31 - 1
+
+_CURSOR = re.compile(r"^(?:(\d{1,10}):)?(\d{1,20})-(\d{1,20})$")
+_ENTRY_ID = re.compile(rb"^(\d+)-(\d+)$")
+
+
+@total_ordering
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Position of one stored event: its deployment and its Redis stream entry id.
+
+    Text form ``"<deployment>:<ms>-<seq>"``. Cursors order by entry id, then by
+    deployment; that is the order of "all deployments" listings.
+    """
+
+    deployment_id: int
+    ms: int
+    seq: int
+
+    def __str__(self) -> str:
+        return f"{self.deployment_id}:{self.ms}-{self.seq}"
+
+    @property
+    def entry_id(self) -> str:
+        return f"{self.ms}-{self.seq}"
+
+    def key(self) -> tuple[int, int, int]:
+        return (self.ms, self.seq, self.deployment_id)
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, Cursor):
+            return NotImplemented
+        return self.key() < other.key()
+
+    @classmethod
+    def from_entry(cls, deployment_id: int, entry_id: bytes | str) -> Cursor:
+        raw = entry_id.encode() if isinstance(entry_id, str) else entry_id
+        match = _ENTRY_ID.match(raw)
+        if match is None:
+            raise ValueError(f"not a stream entry id: {raw!r}")
+        return cls(deployment_id, int(match.group(1)), int(match.group(2)))
+
+    @classmethod
+    def parse(cls, text: str, *, deployment_id: int, field: str = "after") -> Cursor:
+        """Parse a client-supplied cursor for a watch of ``deployment_id`` (0 = all).
+
+        For one deployment the bare entry-id form ``"<ms>-<seq>"`` is accepted too.
+        """
+        match = _CURSOR.match(text.strip())
+        if match is None:
+            raise InvalidArgument(
+                field, f"malformed cursor {text[:64]!r}; expected '<deployment>:<ms>-<seq>'"
+            )
+        owner_text, ms_text, seq_text = match.groups()
+        ms, seq = int(ms_text), int(seq_text)
+        if ms >= 2**64 or seq >= 2**64:
+            raise InvalidArgument(field, f"cursor {text[:64]!r} is out of range")
+        if owner_text is None:
+            if deployment_id == 0:
+                raise InvalidArgument(
+                    field,
+                    "a watch of all deployments needs a full cursor '<deployment>:<ms>-<seq>'",
+                )
+            return cls(deployment_id, ms, seq)
+        owner = int(owner_text)
+        if owner <= 0 or owner > INT32_MAX:
+            raise InvalidArgument(field, f"cursor names an invalid deployment {owner}")
+        if deployment_id not in (0, owner):
+            raise InvalidArgument(
+                field, f"cursor belongs to deployment {owner}, not deployment {deployment_id}"
+            )
+        return cls(owner, ms, seq)
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """A validated event to store. ``event_id == 0`` asks for the next free id."""
+
+    deployment_id: int
+    event_id: int
+    message: str
+    send_ns: int
+    has_timestamp: bool
+
+    def digest(self) -> str:
+        """Identity of the payload: two requests with the same (deployment, id) are
+        the same event when their messages match. The send time is not part of
+        it, so a client's retry with a fresh send time is still a duplicate."""
+        return hashlib.blake2b(self.message.encode(), digest_size=8).hexdigest()
+
+    def payload_without_id(self, receive_ns: int) -> bytes:
+        """EventRequest bytes of every field but ``id`` (field 1), which the append
+        script prepends once the id is known. Protobuf parsers accept fields in
+        any order, and readers see one well-formed EventRequest."""
+        return pb.EventRequest(
+            message=self.message,
+            timestamp=pb.Timestamp(send=self.send_ns, receive=receive_ns),
+            deployment_id=self.deployment_id,
+        ).SerializeToString()
+
+    def execution_ms(self, receive_ns: int) -> int:
+        """(receive - send) in ms, as the original service reported; 0 without a timestamp."""
+        if not self.has_timestamp or self.send_ns == 0:
+            return 0
+        return (receive_ns - self.send_ns) // 1_000_000
+
+
+def validate_deployment_id(value: int, *, field: str = "deployment_id", allow_all: bool) -> int:
+    if value < 0 or (value == 0 and not allow_all):
+        need = ">= 0 (0 means all deployments)" if allow_all else "> 0"
+        raise InvalidArgument(field, f"must be {need}, got {value}")
+    return value
+
+
+def validate_new(request: pb.EventRequest, *, max_message_bytes: int) -> NewEvent:
+    """Check an incoming EventRequest; raise InvalidArgument naming the bad field."""
+    validate_deployment_id(request.deployment_id, allow_all=False)
+    if request.id < 0:
+        raise InvalidArgument("id", f"must be >= 0 (0 asks the server for one), got {request.id}")
+    size = len(request.message.encode())
+    if size > max_message_bytes:
+        raise InvalidArgument(
+            "message", f"is {size} bytes long; the limit is {max_message_bytes} bytes"
+        )
+    has_timestamp = request.HasField("timestamp")
+    return NewEvent(
+        deployment_id=request.deployment_id,
+        event_id=request.id,
+        message=request.message,
+        send_ns=request.timestamp.send if has_timestamp else 0,
+        has_timestamp=has_timestamp,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """One event as read back: its cursor and its EventRequest bytes."""
+
+    cursor: Cursor
+    payload: bytes
+
+    def decode(self) -> pb.EventRequest:
+        return pb.EventRequest.FromString(self.payload)
+
+    def to_proto(self) -> pb.StoredEvent:
+        return pb.StoredEvent(event=self.decode(), cursor=str(self.cursor))

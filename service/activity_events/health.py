@@ -1,0 +1,98 @@
+"""Real health: SERVING only while Redis answers and the server is not draining.
+
+The standard aio health servicer holds the status of the overall service
+("") and of activityevents.ActivityEvents; a monitor task pings Redis and
+flips both, so ``Check`` and ``Watch`` (and the HTTP /readyz) tell the truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from grpc_health.v1 import health, health_pb2
+
+from . import SERVICE_NAME
+from .errors import StoreUnavailable
+from .store import EventStore
+
+logger = logging.getLogger(__name__)
+
+SERVICES = ("", SERVICE_NAME)
+PROBE_INTERVAL = 0.5
+"""Seconds between Redis pings while healthy."""
+BACKOFF_MAX = 5.0
+"""Longest wait between pings while Redis is down."""
+
+
+class HealthMonitor:
+    def __init__(self, store: EventStore, on_change: Callable[[bool], None] | None = None) -> None:
+        self.servicer = health.aio.HealthServicer()
+        self._store = store
+        self._on_change = on_change
+        self._task: asyncio.Task[None] | None = None
+        self._poke = asyncio.Event()
+        self.serving = False
+        self.shutting_down = False
+        store.on_failure = self.poke
+
+    def poke(self) -> None:
+        """Probe now (a call just saw Redis fail)."""
+        self._poke.set()
+
+    async def _set(self, serving: bool) -> None:
+        if serving == self.serving:
+            return
+        self.serving = serving
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in SERVICES:
+            await self.servicer.set(name, status)
+        if serving:
+            logger.info("redis reachable; health SERVING")
+        else:
+            logger.warning("redis unreachable; health NOT_SERVING")
+        if self._on_change is not None:
+            self._on_change(serving)
+
+    async def probe(self) -> bool:
+        try:
+            await self._store.ping()
+        except StoreUnavailable:
+            return False
+        return True
+
+    async def start(self) -> None:
+        """Publish NOT_SERVING for both names, then the first probe's verdict."""
+        for name in SERVICES:
+            await self.servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._set(await self.probe())
+        self._task = asyncio.create_task(self._run(), name="health-monitor")
+
+    async def _run(self) -> None:
+        delay = PROBE_INTERVAL
+        while not self.shutting_down:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._poke.wait()
+            self._poke.clear()
+            if self.shutting_down:
+                return
+            ok = await self.probe()
+            await self._set(ok)
+            delay = PROBE_INTERVAL if ok else min(BACKOFF_MAX, max(PROBE_INTERVAL, delay * 2))
+
+    async def shutdown(self) -> None:
+        """NOT_SERVING for good: Watch streams see it before the server drains."""
+        self.shutting_down = True
+        self.serving = False
+        await self.servicer.enter_graceful_shutdown()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

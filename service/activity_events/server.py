@@ -1,0 +1,201 @@
+"""Assembly and lifecycle of the server process (``activity-server``).
+
+Start: settings -> logs -> Redis (embedded when no URL) -> store, hub, health
+-> gRPC server -> SERVING once Redis answers. SIGTERM/SIGINT: health
+NOT_SERVING (Watch streams see it) -> followers' streams end -> in-flight calls
+drain for ``grace_seconds`` -> connections closed -> exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
+
+from . import SERVICE_NAME, __version__, logs
+from .embedded import EmbeddedRedis
+from .health import HealthMonitor
+from .hub import Hub
+from .servicer import ActivityEventsServicer, generic_handler
+from .settings import Settings, redact_url
+from .store import EventStore, connect
+
+logger = logging.getLogger(__name__)
+
+REFLECTED = (
+    SERVICE_NAME,
+    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+    reflection.SERVICE_NAME,
+)
+
+
+def server_options(settings: Settings) -> list[tuple[str, Any]]:
+    """gRPC core options, each deliberate (see DESIGN.md's pitfalls)."""
+    options: list[tuple[str, Any]] = [
+        # A second process on the same port must fail, not silently share it.
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", settings.max_receive_bytes),
+        # Detect dead followers: ping idle connections, and let clients ping us.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    if settings.max_connection_age_seconds > 0:
+        # Long-lived HTTP/2 connections are closed now and then so clients
+        # behind an L4 balancer spread over new replicas.
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
+            (
+                "grpc.max_connection_age_grace_ms",
+                int(settings.max_connection_age_grace_seconds * 1000),
+            ),
+        ]
+    return options
+
+
+class Application:
+    """One server process: store, hub, health and the gRPC server, started and
+    stopped in order. ``registry`` receives the metrics (tests pass a fresh one)."""
+
+    def __init__(self, settings: Settings, *, registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.port = 0
+        self.embedded: EmbeddedRedis | None = None
+        self.store: EventStore | None = None
+        self.hub: Hub | None = None
+        self.health: HealthMonitor | None = None
+        self.servicer: ActivityEventsServicer | None = None
+        self.server: grpc.aio.Server | None = None
+
+    async def start(self) -> None:
+        settings = self.settings
+        if settings.redis_url is None:
+            self.embedded = EmbeddedRedis(settings.data_dir)
+            await self.embedded.start()
+            url = self.embedded.url
+        else:
+            url = settings.redis_url.get_secret_value()
+        logger.info("using redis at %s", redact_url(url))
+        client = connect(
+            settings,
+            url,
+            max_connections=settings.redis_max_connections,
+            socket_timeout=settings.redis_timeout_seconds,
+        )
+        # The hub's own connection blocks for hub_block_ms; its socket timeout
+        # must be longer, or redis-py would report an idle stream as an error.
+        hub_client = connect(
+            settings,
+            url,
+            max_connections=1,
+            socket_timeout=settings.hub_block_ms / 1000 + settings.redis_timeout_seconds + 1,
+        )
+        self.store = EventStore(client, settings)
+        self.hub = Hub(
+            hub_client,
+            self.store,
+            block_ms=settings.hub_block_ms,
+            queue_size=settings.follower_queue,
+        )
+        self.health = HealthMonitor(self.store)
+        self.servicer = ActivityEventsServicer(self.store, self.hub, settings)
+
+        server = grpc.aio.server(options=server_options(settings))
+        server.add_generic_rpc_handlers((generic_handler(self.servicer),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        if settings.reflection:
+            reflection.enable_server_reflection(REFLECTED, server)
+        address = f"{settings.host}:{settings.port}"
+        self.port = server.add_insecure_port(address)
+        if self.port == 0:
+            raise RuntimeError(f"cannot listen on {address}")
+        self.server = server
+        await self.health.start()
+        self.hub.start()
+        await server.start()
+        logger.info("Server has been started on %d", self.port)
+        if not self.health.serving:
+            logger.warning("redis is not reachable yet; serving NOT_SERVING until it is")
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful stop; safe to call more than once and after a failed start."""
+        grace = self.settings.grace_seconds if grace is None else grace
+        logger.info("shutting down: draining calls for up to %.1fs", grace)
+        if self.health is not None:
+            await self.health.shutdown()
+        if self.hub is not None:
+            await self.hub.stop()
+        if self.server is not None:
+            await self.server.stop(grace)
+            self.server = None
+        if self.store is not None:
+            await self.store.redis.aclose()
+            self.store = None
+        if self.embedded is not None:
+            await self.embedded.stop()
+            self.embedded = None
+        logger.info("server stopped")
+
+    async def wait(self) -> None:
+        if self.server is not None:
+            await self.server.wait_for_termination()
+
+
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM or SIGINT, then stop gracefully. Returns the exit code."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    app = Application(settings)
+    try:
+        await app.start()
+    except Exception as exc:
+        logger.error("start-up failed: %s", exc)
+        await app.stop(0)
+        return 1
+    await stop.wait()
+    await app.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="activity-server",
+        description="Serve activityevents.ActivityEvents over gRPC. Configured by environment "
+        "variables (ACTIVITY_*, and PORT for the gRPC port); see the README's settings table.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error["loc"]) or "settings"
+            print(f"activity-server: invalid setting {where}: {error['msg']}", file=sys.stderr)
+        return 2
+    secrets = [
+        s.get_secret_value() for s in (settings.redis_url, settings.redis_password) if s is not None
+    ]
+    logs.configure(settings.log_level, secrets=secrets)
+    with contextlib.suppress(ImportError):
+        import uvloop  # noqa: PLC0415 - optional speed-up
+
+        return uvloop.run(serve(settings))
+    return asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,386 @@
+"""The ActivityEvents gRPC servicer: the api layer.
+
+It validates requests, calls the store and the hub, maps domain errors to gRPC
+status codes (in one table, :data:`STATUS`), and shapes responses. It knows no
+Redis commands. Streaming handlers are async generators (never
+``context.write``), and the two history streams yield bytes assembled by
+:mod:`wire`, registered with an identity serializer.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import grpc
+
+from . import SERVICE_NAME, wire
+from .errors import (
+    ActivityError,
+    Conflict,
+    Exhausted,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    StoreUnavailable,
+)
+from .events import Cursor, StoredEvent, validate_deployment_id, validate_new
+from .hub import ALL, Hub, Subscription, last_cursor
+from .pb import activityevents_pb2 as pb
+from .settings import Settings
+from .store import AppendResult, EventStore, Outcome
+
+logger = logging.getLogger(__name__)
+
+STATUS: dict[type[ActivityError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    Conflict: grpc.StatusCode.ALREADY_EXISTS,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    Exhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+}
+"""Domain error -> gRPC status. Subclasses map through their nearest listed base."""
+
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+MAX_CATCHUPS = 5
+"""Times a follower that overflowed while reading history re-reads from Redis
+before it is treated as unable to keep up."""
+
+_OUTCOMES = {
+    Outcome.CREATED: pb.OUTCOME_CREATED,
+    Outcome.DUPLICATE: pb.OUTCOME_DUPLICATE,
+    Outcome.CONFLICT: pb.OUTCOME_CONFLICT,
+    Outcome.EXHAUSTED: pb.OUTCOME_INVALID,
+}
+
+
+def status_of(error: ActivityError) -> grpc.StatusCode:
+    for cls in type(error).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+class _Limit:
+    """A non-queueing concurrency limit: beyond ``size`` calls are refused at once."""
+
+    def __init__(self, size: int, what: str) -> None:
+        self.size = size
+        self.active = 0
+        self.what = what
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        if self.active >= self.size:
+            raise Exhausted(f"too many {self.what} (limit {self.size}); retry later")
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+
+class ActivityEventsServicer:
+    """Implements the six RPCs of activityevents.ActivityEvents."""
+
+    def __init__(self, store: EventStore, hub: Hub, settings: Settings) -> None:
+        self._store = store
+        self._hub = hub
+        self._settings = settings
+        self.unary_limit = _Limit(settings.max_concurrent_unary, "concurrent calls")
+        self.follower_limit = _Limit(settings.max_followers, "followers")
+
+    # -- error mapping -----------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _call(
+        self, context: grpc.aio.ServicerContext, *, limit: _Limit | None = None
+    ) -> AsyncIterator[None]:
+        try:
+            if limit is None:
+                yield
+            else:
+                with limit.hold():
+                    yield
+        except ActivityError as error:
+            await context.abort(status_of(error), str(error))
+
+    # -- legacy RPCs ---------------------------------------------------------------
+
+    async def CreateEvent(
+        self, request: pb.EventRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EventResponse:
+        async with self._call(context, limit=self.unary_limit):
+            new = validate_new(request, max_message_bytes=self._settings.max_message_bytes)
+            receive = time.time_ns()
+            (result,) = await self._store.append([new], receive)
+            _raise_for(result, request.deployment_id, request.id)
+            return pb.EventResponse(
+                id=result.event_id,
+                success=True,
+                execution_time=new.execution_ms(receive),
+                duplicate=result.outcome is Outcome.DUPLICATE,
+                cursor=str(result.cursor),
+            )
+        raise AssertionError("unreachable")  # abort() raised
+
+    async def ListEvents(
+        self, request: pb.Deployment, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        async with self._call(context, limit=self.unary_limit):
+            deployment = validate_deployment_id(request.id, field="id", allow_all=True)
+            async for page in self._history(deployment, None):
+                for event in page:
+                    yield event.payload
+
+    # -- new RPCs ------------------------------------------------------------------
+
+    async def CreateEvents(
+        self, request: pb.CreateEventsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateEventsResponse:
+        async with self._call(context, limit=self.unary_limit):
+            if len(request.events) > self._settings.max_batch:
+                raise InvalidArgument(
+                    "events",
+                    f"{len(request.events)} events; at most {self._settings.max_batch} per call",
+                )
+            results: list[pb.EventResult] = []
+            valid = []
+            where = []
+            for index, event in enumerate(request.events):
+                try:
+                    valid.append(
+                        validate_new(event, max_message_bytes=self._settings.max_message_bytes)
+                    )
+                    where.append(index)
+                    results.append(pb.EventResult(index=index))
+                except InvalidArgument as error:
+                    results.append(
+                        pb.EventResult(
+                            index=index,
+                            id=event.id,
+                            deployment_id=event.deployment_id,
+                            outcome=pb.OUTCOME_INVALID,
+                            reason=str(error),
+                        )
+                    )
+            if valid:
+                receive = time.time_ns()
+                stored = await self._store.append(valid, receive)
+                for index, new, result in zip(where, valid, stored, strict=True):
+                    out = results[index]
+                    out.id = result.event_id or new.event_id
+                    out.deployment_id = new.deployment_id
+                    out.outcome = _OUTCOMES[result.outcome]
+                    if result.outcome is Outcome.CONFLICT:
+                        out.reason = f"id: event {new.event_id} exists with a different message"
+                    elif result.outcome is Outcome.EXHAUSTED:
+                        out.reason = f"id: deployment {new.deployment_id} has no free event id left"
+                    else:
+                        out.cursor = str(result.cursor)
+                        out.receive = receive
+            return pb.CreateEventsResponse(results=results)
+        raise AssertionError("unreachable")
+
+    async def WatchEvents(
+        self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        limit = self.follower_limit if request.follow else self.unary_limit
+        async with self._call(context, limit=limit):
+            deployment = validate_deployment_id(request.deployment_id, allow_all=True)
+            if request.limit < 0:
+                raise InvalidArgument(
+                    "limit", f"must be >= 0 (0 means no limit), got {request.limit}"
+                )
+            after = Cursor.parse(request.after, deployment_id=deployment) if request.after else None
+            if after is not None:
+                if deployment == ALL:
+                    await self._store.check_cursor_all(after)
+                else:
+                    await self._store.check_cursor(after)
+            sub = await self._hub.subscribe(deployment) if request.follow else None
+            try:
+                async for chunk in self._watch(deployment, after, request.limit or None, sub):
+                    yield chunk
+            finally:
+                if sub is not None:
+                    sub.close()
+
+    async def _watch(
+        self, deployment: int, after: Cursor | None, limit: int | None, sub: Subscription | None
+    ) -> AsyncIterator[bytes]:
+        seen: dict[int, Cursor] = {}
+        if after is not None and deployment != ALL:
+            seen[deployment] = after
+        floor = after if deployment == ALL else None
+        remaining = limit
+
+        def fresh(events: list[StoredEvent]) -> list[StoredEvent]:
+            nonlocal remaining
+            out = []
+            for event in events:
+                cursor = event.cursor
+                if floor is not None and cursor.key() <= floor.key():
+                    continue
+                prior = seen.get(cursor.deployment_id)
+                if prior is not None and cursor.key() <= prior.key():
+                    continue
+                seen[cursor.deployment_id] = cursor
+                out.append(event)
+                if remaining is not None:
+                    remaining -= 1
+                    if remaining == 0:
+                        break
+            return out
+
+        position = after
+        for _ in range(MAX_CATCHUPS):
+            async for page in self._history(deployment, position):
+                events = fresh(page)
+                if events:
+                    yield wire.watch_response(events)
+                if remaining == 0:
+                    return
+            if sub is None:
+                return
+            if not sub.lagged:
+                break
+            # Live events overflowed while history was read: drop them and catch up from Redis.
+            sub.reset()
+            if seen:
+                position = seen[deployment] if deployment != ALL else max(seen.values())
+        if sub is None:
+            return
+        yield wire.CAUGHT_UP
+        page_size = self._settings.page_size
+        while not self._hub.stopping:
+            batch = await sub.next_batch(last_cursor(seen), page_size)
+            events = fresh(batch)
+            if events:
+                yield wire.watch_response(events)
+            if remaining == 0:
+                return
+
+    async def _history(
+        self, deployment: int, after: Cursor | None
+    ) -> AsyncIterator[list[StoredEvent]]:
+        if deployment == ALL:
+            pages = self._store.history_all(after)
+        else:
+            pages = self._store.history(deployment, after)
+        async for page in pages:
+            yield page
+
+    async def ListDeployments(
+        self, request: pb.ListDeploymentsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListDeploymentsResponse:
+        async with self._call(context, limit=self.unary_limit):
+            size = request.page_size or DEFAULT_PAGE
+            if not 0 < size <= MAX_PAGE:
+                raise InvalidArgument(
+                    "page_size", f"must be between 0 and {MAX_PAGE}, got {request.page_size}"
+                )
+            start = _decode_token(request.page_token) if request.page_token else 0
+            ids = await self._store.deployment_ids(start, size + 1)
+            more = len(ids) > size
+            ids = ids[:size]
+            summaries = await self._store.summaries(ids)
+            response = pb.ListDeploymentsResponse(
+                next_page_token=_encode_token(ids[-1]) if more else ""
+            )
+            for summary in summaries:
+                info = response.deployments.add(
+                    id=summary.deployment_id, event_count=summary.event_count
+                )
+                if summary.first is not None:
+                    info.first_receive = summary.first.decode().timestamp.receive
+                if summary.last is not None:
+                    info.last_receive = summary.last.decode().timestamp.receive
+                    info.last_event.CopyFrom(summary.last.to_proto())
+            return response
+        raise AssertionError("unreachable")
+
+    async def DeleteDeployment(
+        self, request: pb.DeleteDeploymentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteDeploymentResponse:
+        async with self._call(context, limit=self.unary_limit):
+            deployment = validate_deployment_id(request.deployment_id, allow_all=False)
+            removed = await self._store.delete(deployment)
+            logger.info("deployment %d deleted with %d events", deployment, removed)
+            return pb.DeleteDeploymentResponse(deleted_events=removed)
+        raise AssertionError("unreachable")
+
+
+def _raise_for(result: AppendResult, deployment_id: int, event_id: int) -> None:
+    if result.outcome is Outcome.CONFLICT:
+        raise Conflict(
+            f"id: event {event_id} of deployment {deployment_id} already exists with a "
+            f"different message (cursor {result.cursor})"
+        )
+    if result.outcome is Outcome.EXHAUSTED:
+        raise Exhausted(f"id: deployment {deployment_id} has no free event id left")
+
+
+_TOKEN_PREFIX = "after:"  # noqa: S105 - a page token prefix, not a secret
+
+
+def _encode_token(last_id: int) -> str:
+    return base64.urlsafe_b64encode(f"{_TOKEN_PREFIX}{last_id}".encode()).decode()
+
+
+def _decode_token(token: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(token.encode()).decode()
+        if not text.startswith(_TOKEN_PREFIX):
+            raise ValueError(text)
+        value = int(text[len(_TOKEN_PREFIX) :])
+        if value < 0:
+            raise ValueError(text)
+        return value
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidArgument("page_token", "is not a token this server issued") from None
+
+
+def generic_handler(servicer: ActivityEventsServicer) -> grpc.GenericRpcHandler:
+    """The service's method handlers. Like the generated ``add_..._to_server``, but
+    the history streams use an identity serializer: they yield wire bytes."""
+    handlers: dict[str, Any] = {
+        "CreateEvent": grpc.unary_unary_rpc_method_handler(
+            servicer.CreateEvent,
+            request_deserializer=pb.EventRequest.FromString,
+            response_serializer=pb.EventResponse.SerializeToString,
+        ),
+        "ListEvents": grpc.unary_stream_rpc_method_handler(
+            servicer.ListEvents,
+            request_deserializer=pb.Deployment.FromString,
+            response_serializer=wire.identity,
+        ),
+        "WatchEvents": grpc.unary_stream_rpc_method_handler(
+            servicer.WatchEvents,
+            request_deserializer=pb.WatchEventsRequest.FromString,
+            response_serializer=wire.identity,
+        ),
+        "CreateEvents": grpc.unary_unary_rpc_method_handler(
+            servicer.CreateEvents,
+            request_deserializer=pb.CreateEventsRequest.FromString,
+            response_serializer=pb.CreateEventsResponse.SerializeToString,
+        ),
+        "ListDeployments": grpc.unary_unary_rpc_method_handler(
+            servicer.ListDeployments,
+            request_deserializer=pb.ListDeploymentsRequest.FromString,
+            response_serializer=pb.ListDeploymentsResponse.SerializeToString,
+        ),
+        "DeleteDeployment": grpc.unary_unary_rpc_method_handler(
+            servicer.DeleteDeployment,
+            request_deserializer=pb.DeleteDeploymentRequest.FromString,
+            response_serializer=pb.DeleteDeploymentResponse.SerializeToString,
+        ),
+    }
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)

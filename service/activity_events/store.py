@@ -1,0 +1,429 @@
+"""EventStore: the Redis Streams data layer.
+
+Everything that knows Redis commands lives here; callers see domain types
+(`NewEvent`, `StoredEvent`, `Cursor`) and domain errors. Each public call is
+bounded by ``redis_timeout_seconds``: a Redis that does not answer in time is
+reported as :class:`StoreUnavailable`, never as a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import heapq
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from . import keys
+from .errors import InvalidArgument, NotFound, OutOfRange, StoreUnavailable
+from .events import Cursor, NewEvent, StoredEvent
+from .settings import Settings, redact_url
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SCRIPT_CHUNK = 200
+"""Most events one append script call handles, so no single call blocks Redis for long."""
+
+MERGE_PAGE_FLOOR = 16
+"""Smallest per-deployment page when merging many deployments into one ordered stream."""
+
+MERGE_BUDGET = 20_000
+"""Events buffered at most across all deployments while merging them."""
+
+REDIS_DOWN = (
+    rexc.ConnectionError,
+    rexc.TimeoutError,
+    rexc.BusyLoadingError,
+    rexc.ReadOnlyError,
+    rexc.ClusterDownError,
+    rexc.TryAgainError,
+    OSError,
+    TimeoutError,
+)
+"""Redis failures that mean "not reachable right now": the call is retryable."""
+
+
+def _load(name: str) -> str:
+    return resources.files(__package__).joinpath("scripts", name).read_text()
+
+
+class LuaScript:
+    """A Lua script run by SHA, loaded again transparently after NOSCRIPT
+    (Redis restart, failover, SCRIPT FLUSH)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.source = _load(name)
+        self.sha = hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
+
+    async def __call__(
+        self, client: aioredis.Redis, keys_: Sequence[str], args: Sequence[Any]
+    ) -> Any:
+        try:
+            return await client.evalsha(self.sha, len(keys_), *keys_, *args)
+        except rexc.NoScriptError:
+            await client.script_load(self.source)
+            return await client.evalsha(self.sha, len(keys_), *keys_, *args)
+
+
+class Outcome(enum.Enum):
+    CREATED = "created"
+    DUPLICATE = "duplicate"
+    CONFLICT = "conflict"
+    EXHAUSTED = "exhausted"
+
+
+_CODES = {0: Outcome.CREATED, 1: Outcome.DUPLICATE, 2: Outcome.CONFLICT, 3: Outcome.EXHAUSTED}
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    outcome: Outcome
+    event_id: int
+    cursor: Cursor | None
+    """Cursor of the stored event (for conflicts: of the event holding the id)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentSummary:
+    deployment_id: int
+    event_count: int
+    first: StoredEvent | None
+    last: StoredEvent | None
+
+
+def connect(
+    settings: Settings, url: str, *, max_connections: int, socket_timeout: float
+) -> aioredis.Redis:
+    """A Redis client with a bounded, blocking pool.
+
+    Callers wait (up to the command timeout) for a free connection instead of
+    opening more: connections per replica stay at ``max_connections``. One quick
+    retry on a fresh connection hides a stale pooled socket after a Redis restart.
+    """
+    password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=settings.redis_timeout_seconds,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=settings.redis_connect_timeout_seconds,
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[rexc.ConnectionError],
+        health_check_interval=30,
+        **({"password": password} if password else {}),
+    )
+    logger.debug("redis pool for %s with %d connections", redact_url(url), max_connections)
+    return aioredis.Redis(connection_pool=pool)
+
+
+class EventStore:
+    """Append, read, list and delete events; see the module docstring."""
+
+    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
+        self._redis = client
+        self._settings = settings
+        self._timeout = settings.redis_timeout_seconds
+        self._append = LuaScript("append.lua")
+        self._delete = LuaScript("delete.lua")
+        self.on_failure: Callable[[], None] | None = None
+        """Called when Redis was unreachable, so health can react before its next probe."""
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        return self._redis
+
+    async def _bounded(self, work: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await work
+        except REDIS_DOWN as exc:
+            if self.on_failure is not None:
+                self.on_failure()
+            raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}") from None
+        except rexc.AuthenticationError:
+            raise StoreUnavailable("redis rejected the credentials") from None
+        except rexc.ResponseError as exc:
+            # OOM, MISCONF, READONLY and friends: the store cannot take the call now.
+            text = str(exc).split("\n", 1)[0][:200]
+            if self.on_failure is not None:
+                self.on_failure()
+            raise StoreUnavailable(f"redis refused the command: {text}") from None
+
+    async def ping(self) -> None:
+        await self._bounded(self._redis.ping())
+
+    # -- writes ----------------------------------------------------------------
+
+    async def append(self, events: Sequence[NewEvent], receive_ns: int) -> list[AppendResult]:
+        """Store events (deduplicated), one result per event in input order.
+
+        Events of one deployment go through the append script together, in
+        order; all deployments of the batch share one pipelined round trip.
+        """
+        return await self._bounded(self._append_all(events, receive_ns))
+
+    async def _append_all(self, events: Sequence[NewEvent], receive_ns: int) -> list[AppendResult]:
+        groups: dict[int, list[int]] = {}
+        for index, event in enumerate(events):
+            groups.setdefault(event.deployment_id, []).append(index)
+        calls: list[tuple[int, list[int]]] = []
+        for deployment_id, indexes in groups.items():
+            for start in range(0, len(indexes), SCRIPT_CHUNK):
+                calls.append((deployment_id, indexes[start : start + SCRIPT_CHUNK]))
+
+        retention = self._retention_args()
+        argv: list[list[Any]] = []
+        for _, indexes in calls:
+            args: list[Any] = [*retention, len(indexes)]
+            for i in indexes:
+                event = events[i]
+                args += [event.event_id, event.digest(), event.payload_without_id(receive_ns)]
+            argv.append(args)
+
+        replies = await self._run_appends(calls, argv)
+
+        results: list[AppendResult | None] = [None] * len(events)
+        fresh: list[int] = []
+        for (deployment_id, indexes), reply in zip(calls, replies, strict=True):
+            if reply[-1] == 1:
+                fresh.append(deployment_id)
+            for n, i in enumerate(indexes):
+                code, event_id, entry = reply[3 * n : 3 * n + 3]
+                outcome = _CODES[int(code)]
+                cursor = Cursor.from_entry(deployment_id, entry) if entry else None
+                results[i] = AppendResult(outcome, int(event_id) if event_id else 0, cursor)
+        if fresh:
+            await self._announce(fresh)
+        return [r for r in results if r is not None]
+
+    def _retention_args(self) -> list[int]:
+        max_age = self._settings.retention_max_age_seconds
+        min_ms = int((time.time() - max_age) * 1000) if max_age > 0 else 0
+        return [self._settings.retention_max_len, min_ms]
+
+    async def _run_appends(
+        self, calls: list[tuple[int, list[int]]], argv: list[list[Any]]
+    ) -> list[Any]:
+        """EVALSHA every call in one pipeline (index ZADDs first), reloading the
+        script and re-running only the calls that met NOSCRIPT."""
+        replies: list[Any] = [None] * len(calls)
+        pending = list(range(len(calls)))
+        for attempt in range(2):
+            pipe = self._redis.pipeline(transaction=False)
+            deployments = {calls[i][0] for i in pending}
+            pipe.zadd(keys.DEPLOYMENTS, {str(d): d for d in deployments})
+            for i in pending:
+                pipe.evalsha(self._append.sha, 3, *keys.deployment_keys(calls[i][0]), *argv[i])
+            out = await pipe.execute(raise_on_error=False)
+            missing = []
+            for i, reply in zip(pending, out[1:], strict=True):
+                if isinstance(reply, rexc.NoScriptError):
+                    missing.append(i)
+                elif isinstance(reply, Exception):
+                    raise reply
+                else:
+                    replies[i] = reply
+            if not missing:
+                return replies
+            if attempt == 0:
+                await self._redis.script_load(self._append.source)
+            pending = missing
+        raise rexc.ResponseError("append script could not be loaded")
+
+    async def _announce(self, deployment_ids: list[int]) -> None:
+        """Index deployments that just got their first event (again after a
+        delete) and tell hubs following "all deployments" about them."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zadd(keys.DEPLOYMENTS, {str(d): d for d in deployment_ids})
+        for d in deployment_ids:
+            pipe.xadd(keys.NEW_DEPLOYMENTS, {b"d": str(d)}, maxlen=1000, approximate=True)
+        await pipe.execute()
+
+    async def delete(self, deployment_id: int) -> int:
+        """Remove a deployment; the number of events removed. NotFound if unknown."""
+
+        async def work() -> int:
+            await self._redis.zrem(keys.DEPLOYMENTS, str(deployment_id))
+            return int(await self._delete(self._redis, keys.deployment_keys(deployment_id), []))
+
+        removed = await self._bounded(work())
+        if removed < 0:
+            raise NotFound(f"deployment {deployment_id} does not exist")
+        return removed
+
+    # -- reads -----------------------------------------------------------------
+
+    async def read_page(
+        self, deployment_id: int, after: Cursor | None, count: int, *, inclusive: bool = False
+    ) -> list[StoredEvent]:
+        """Up to ``count`` events of one deployment after ``after`` (from the start if None)."""
+        start = "-" if after is None else after.entry_id if inclusive else "(" + after.entry_id
+        rows = await self._bounded(
+            self._redis.xrange(keys.events(deployment_id), start, "+", count=count)
+        )
+        return [_stored(deployment_id, entry, fields) for entry, fields in rows]
+
+    async def check_cursor(self, cursor: Cursor) -> None:
+        """OutOfRange when events after ``cursor`` were removed by retention."""
+        trimmed = await self._bounded(self._redis.hget(keys.meta(cursor.deployment_id), "trimmed"))
+        if trimmed is not None:
+            last_gone = Cursor.from_entry(cursor.deployment_id, trimmed)
+            if (cursor.ms, cursor.seq) < (last_gone.ms, last_gone.seq):
+                raise OutOfRange(
+                    f"after: events after cursor {cursor} were removed by retention; "
+                    f"the oldest retained history starts after {last_gone}"
+                )
+
+    async def check_cursor_all(self, cursor: Cursor) -> None:
+        """OutOfRange when any deployment lost events newer than ``cursor`` to retention."""
+        ids = await self.deployment_ids()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            pipe = self._redis.pipeline(transaction=False)
+            for d in chunk:
+                pipe.hget(keys.meta(d), "trimmed")
+            trimmed = await self._bounded(pipe.execute())
+            for d, entry in zip(chunk, trimmed, strict=True):
+                if entry is None:
+                    continue
+                gone = Cursor.from_entry(d, entry)
+                if (cursor.ms, cursor.seq) < (gone.ms, gone.seq):
+                    raise OutOfRange(
+                        f"after: deployment {d} removed events after cursor {cursor} by retention"
+                    )
+
+    async def history(
+        self, deployment_id: int, after: Cursor | None
+    ) -> AsyncIterator[list[StoredEvent]]:
+        """Pages of one deployment's history, oldest first, to the end of the stream."""
+        page = self._settings.page_size
+        while True:
+            rows = await self.read_page(deployment_id, after, page)
+            if rows:
+                yield rows
+                after = rows[-1].cursor
+            if len(rows) < page:
+                return
+
+    async def history_all(self, after: Cursor | None) -> AsyncIterator[list[StoredEvent]]:
+        """Pages of every deployment's history merged in arrival order: by entry
+        id, ties by deployment id. Resuming from a cursor continues strictly
+        after it in that order. Memory stays bounded by MERGE_BUDGET events."""
+        ids = await self.deployment_ids()
+        if not ids:
+            return
+        per = max(MERGE_PAGE_FLOOR, min(self._settings.page_size, MERGE_BUDGET // len(ids)))
+        out_page = self._settings.page_size
+
+        async def first_page(d: int) -> list[StoredEvent]:
+            if after is None:
+                return await self.read_page(d, None, per)
+            # Same entry id: deployments ordered after the cursor's come after it.
+            return await self.read_page(d, after, per, inclusive=d > after.deployment_id)
+
+        buffers: dict[int, list[StoredEvent]] = {}
+        positions: dict[int, int] = {}
+        heap: list[tuple[tuple[int, int, int], int]] = []
+        for d in ids:
+            rows = await first_page(d)
+            if rows:
+                buffers[d], positions[d] = rows, 0
+                heap.append((rows[0].cursor.key(), d))
+        heapq.heapify(heap)
+        batch: list[StoredEvent] = []
+        while heap:
+            _, d = heapq.heappop(heap)
+            rows, pos = buffers[d], positions[d]
+            batch.append(rows[pos])
+            pos += 1
+            if pos == len(rows):
+                rows = await self.read_page(d, rows[-1].cursor, per) if len(rows) == per else []
+                pos = 0
+                buffers[d] = rows
+            positions[d] = pos
+            if rows:
+                heapq.heappush(heap, (rows[pos].cursor.key(), d))
+            if len(batch) >= out_page:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    async def last_entry(self, deployment_id: int) -> Cursor:
+        """Cursor of the newest event of a deployment (entry 0-0 when it has none)."""
+        rows = await self._bounded(
+            self._redis.xrevrange(keys.events(deployment_id), "+", "-", count=1)
+        )
+        if not rows:
+            return Cursor(deployment_id, 0, 0)
+        return Cursor.from_entry(deployment_id, rows[0][0])
+
+    async def last_entries(self, deployment_ids: Sequence[int]) -> dict[int, Cursor]:
+        """:meth:`last_entry` for many deployments in one round trip."""
+        pipe = self._redis.pipeline(transaction=False)
+        for d in deployment_ids:
+            pipe.xrevrange(keys.events(d), "+", "-", count=1)
+        replies = await self._bounded(pipe.execute())
+        return {
+            d: Cursor.from_entry(d, rows[0][0]) if rows else Cursor(d, 0, 0)
+            for d, rows in zip(deployment_ids, replies, strict=True)
+        }
+
+    async def deployment_ids(self, start_after: int = 0, count: int | None = None) -> list[int]:
+        """Known deployment ids in ascending order, after ``start_after``."""
+        rows = await self._bounded(
+            self._redis.zrangebyscore(
+                keys.DEPLOYMENTS,
+                f"({start_after}",
+                "+inf",
+                start=0 if count is not None else None,
+                num=count,
+            )
+        )
+        return [int(r) for r in rows]
+
+    async def summaries(self, deployment_ids: Sequence[int]) -> list[DeploymentSummary]:
+        pipe = self._redis.pipeline(transaction=False)
+        for d in deployment_ids:
+            key = keys.events(d)
+            pipe.xlen(key)
+            pipe.xrange(key, "-", "+", count=1)
+            pipe.xrevrange(key, "+", "-", count=1)
+        replies = await self._bounded(pipe.execute())
+        out = []
+        for n, d in enumerate(deployment_ids):
+            count, first, last = replies[3 * n : 3 * n + 3]
+            out.append(
+                DeploymentSummary(
+                    deployment_id=d,
+                    event_count=int(count),
+                    first=_stored(d, *first[0]) if first else None,
+                    last=_stored(d, *last[0]) if last else None,
+                )
+            )
+        return out
+
+    async def new_deployments_tail(self) -> bytes:
+        """Entry id of the newest "new deployment" announcement ("0-0" if none)."""
+        rows = await self._bounded(self._redis.xrevrange(keys.NEW_DEPLOYMENTS, "+", "-", count=1))
+        return rows[0][0] if rows else b"0-0"
+
+
+def _stored(deployment_id: int, entry: bytes, fields: dict[bytes, bytes]) -> StoredEvent:
+    payload = fields.get(keys.EVENT_FIELD)
+    if payload is None:
+        raise InvalidArgument("store", f"stream entry {entry!r} has no event field")
+    return StoredEvent(Cursor.from_entry(deployment_id, entry), payload)

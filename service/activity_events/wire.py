@@ -1,0 +1,57 @@
+"""Hand-assembled protobuf bytes for the hot streaming responses.
+
+Stream entries hold the canonical EventRequest bytes, so a page of history can
+be sent by concatenating length-delimited fields instead of decoding and
+re-encoding every event. The layouts below are those of the .proto:
+
+    StoredEvent         { EventRequest event = 1; string cursor = 2; }
+    WatchEventsResponse { repeated StoredEvent events = 1; bool caught_up = 2; }
+
+tests/test_wire.py checks them against the protobuf runtime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .events import StoredEvent
+
+_TAG_1_LEN = b"\x0a"  # field 1, wire type 2 (length-delimited)
+_TAG_2_LEN = b"\x12"  # field 2, wire type 2
+CAUGHT_UP = b"\x10\x01"  # WatchEventsResponse{caught_up: true}
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def stored_event(event: StoredEvent) -> bytes:
+    cursor = str(event.cursor).encode()
+    return b"".join(
+        (
+            _TAG_1_LEN,
+            varint(len(event.payload)),
+            event.payload,
+            _TAG_2_LEN,
+            varint(len(cursor)),
+            cursor,
+        )
+    )
+
+
+def watch_response(events: Iterable[StoredEvent]) -> bytes:
+    parts = []
+    for event in events:
+        body = stored_event(event)
+        parts += (_TAG_1_LEN, varint(len(body)), body)
+    return b"".join(parts)
+
+
+def identity(message: bytes) -> bytes:
+    """Serializer for handlers that yield bytes already in wire form."""
+    return message
