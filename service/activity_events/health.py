@@ -12,7 +12,8 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health_pb2
+from grpc_health.v1._async import HealthServicer
 
 from . import SERVICE_NAME
 from .errors import StoreUnavailable
@@ -29,7 +30,7 @@ BACKOFF_MAX = 5.0
 
 class HealthMonitor:
     def __init__(self, store: EventStore, on_change: Callable[[bool], None] | None = None) -> None:
-        self.servicer = health.aio.HealthServicer()
+        self.servicer = HealthServicer()
         self._store = store
         self._on_change = on_change
         self._task: asyncio.Task[None] | None = None

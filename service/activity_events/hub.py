@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -89,7 +90,7 @@ class Subscription:
             await self._wake.wait()
         if self.lagged:
             raise FollowerLagged(last_cursor)
-        batch = []
+        batch: list[StoredEvent] = []
         while not self.queue.empty() and len(batch) < max_events:
             batch.append(self.queue.get_nowait())
         return batch
@@ -122,7 +123,7 @@ class Hub:
         self._new_tail: bytes | None = None
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._reading: asyncio.Task[object] | None = None
+        self._reading: asyncio.Task[Any] | None = None
         self._lock = asyncio.Lock()
         self.stopping = False
 
@@ -208,12 +209,10 @@ class Hub:
                 self._changed.clear()
                 await self._changed.wait()
                 continue
-            streams: dict[str, bytes] = {keys.events(d): p for d, p in self._positions.items()}
+            streams: dict[Any, Any] = {keys.events(d): p for d, p in self._positions.items()}
             if self._new_tail is not None:
                 streams[keys.NEW_DEPLOYMENTS] = self._new_tail
-            self._reading = asyncio.create_task(
-                self._redis.xread(streams, count=READ_COUNT, block=self._block_ms)
-            )
+            self._reading = asyncio.create_task(self._read(streams))
             try:
                 reply = await self._reading
             except asyncio.CancelledError:
@@ -237,6 +236,9 @@ class Hub:
             backoff = 0.1
             if reply:
                 await self._dispatch(reply)
+
+    async def _read(self, streams: dict[Any, Any]) -> Any:
+        return await self._redis.xread(streams, count=READ_COUNT, block=self._block_ms)
 
     async def _dispatch(
         self, reply: list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]

@@ -37,6 +37,8 @@ from .store import AppendResult, EventStore, Outcome
 
 logger = logging.getLogger(__name__)
 
+Context = grpc.aio.ServicerContext[Any, Any]
+
 STATUS: dict[type[ActivityError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     Conflict: grpc.StatusCode.ALREADY_EXISTS,
@@ -101,7 +103,7 @@ class ActivityEventsServicer:
 
     @contextlib.asynccontextmanager
     async def _call(
-        self, context: grpc.aio.ServicerContext, *, limit: _Limit | None = None
+        self, context: Context, *, limit: _Limit | None = None
     ) -> AsyncIterator[None]:
         try:
             if limit is None:
@@ -115,7 +117,7 @@ class ActivityEventsServicer:
     # -- legacy RPCs ---------------------------------------------------------------
 
     async def CreateEvent(
-        self, request: pb.EventRequest, context: grpc.aio.ServicerContext
+        self, request: pb.EventRequest, context: Context
     ) -> pb.EventResponse:
         async with self._call(context, limit=self.unary_limit):
             new = validate_new(request, max_message_bytes=self._settings.max_message_bytes)
@@ -132,7 +134,7 @@ class ActivityEventsServicer:
         raise AssertionError("unreachable")  # abort() raised
 
     async def ListEvents(
-        self, request: pb.Deployment, context: grpc.aio.ServicerContext
+        self, request: pb.Deployment, context: Context
     ) -> AsyncIterator[bytes]:
         async with self._call(context, limit=self.unary_limit):
             deployment = validate_deployment_id(request.id, field="id", allow_all=True)
@@ -143,7 +145,7 @@ class ActivityEventsServicer:
     # -- new RPCs ------------------------------------------------------------------
 
     async def CreateEvents(
-        self, request: pb.CreateEventsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.CreateEventsRequest, context: Context
     ) -> pb.CreateEventsResponse:
         async with self._call(context, limit=self.unary_limit):
             if len(request.events) > self._settings.max_batch:
@@ -190,7 +192,7 @@ class ActivityEventsServicer:
         raise AssertionError("unreachable")
 
     async def WatchEvents(
-        self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.WatchEventsRequest, context: Context
     ) -> AsyncIterator[bytes]:
         limit = self.follower_limit if request.follow else self.unary_limit
         async with self._call(context, limit=limit):
@@ -279,7 +281,7 @@ class ActivityEventsServicer:
             yield page
 
     async def ListDeployments(
-        self, request: pb.ListDeploymentsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListDeploymentsRequest, context: Context
     ) -> pb.ListDeploymentsResponse:
         async with self._call(context, limit=self.unary_limit):
             size = request.page_size or DEFAULT_PAGE
@@ -308,7 +310,7 @@ class ActivityEventsServicer:
         raise AssertionError("unreachable")
 
     async def DeleteDeployment(
-        self, request: pb.DeleteDeploymentRequest, context: grpc.aio.ServicerContext
+        self, request: pb.DeleteDeploymentRequest, context: Context
     ) -> pb.DeleteDeploymentResponse:
         async with self._call(context, limit=self.unary_limit):
             deployment = validate_deployment_id(request.deployment_id, allow_all=False)
@@ -348,7 +350,7 @@ def _decode_token(token: str) -> int:
         raise InvalidArgument("page_token", "is not a token this server issued") from None
 
 
-def generic_handler(servicer: ActivityEventsServicer) -> grpc.GenericRpcHandler:
+def generic_handler(servicer: ActivityEventsServicer) -> grpc.GenericRpcHandler[Any, Any]:
     """The service's method handlers. Like the generated ``add_..._to_server``, but
     the history streams use an identity serializer: they yield wire bytes."""
     handlers: dict[str, Any] = {

@@ -271,7 +271,7 @@ class EventStore:
     ) -> list[StoredEvent]:
         """Up to ``count`` events of one deployment after ``after`` (from the start if None)."""
         start = "-" if after is None else after.entry_id if inclusive else "(" + after.entry_id
-        rows = await self._bounded(
+        rows: Any = await self._bounded(
             self._redis.xrange(keys.events(deployment_id), start, "+", count=count)
         )
         return [_stored(deployment_id, entry, fields) for entry, fields in rows]
@@ -364,7 +364,7 @@ class EventStore:
 
     async def last_entry(self, deployment_id: int) -> Cursor:
         """Cursor of the newest event of a deployment (entry 0-0 when it has none)."""
-        rows = await self._bounded(
+        rows: Any = await self._bounded(
             self._redis.xrevrange(keys.events(deployment_id), "+", "-", count=1)
         )
         if not rows:
@@ -384,7 +384,7 @@ class EventStore:
 
     async def deployment_ids(self, start_after: int = 0, count: int | None = None) -> list[int]:
         """Known deployment ids in ascending order, after ``start_after``."""
-        rows = await self._bounded(
+        rows: Any = await self._bounded(
             self._redis.zrangebyscore(
                 keys.DEPLOYMENTS,
                 f"({start_after}",
@@ -418,8 +418,10 @@ class EventStore:
 
     async def new_deployments_tail(self) -> bytes:
         """Entry id of the newest "new deployment" announcement ("0-0" if none)."""
-        rows = await self._bounded(self._redis.xrevrange(keys.NEW_DEPLOYMENTS, "+", "-", count=1))
-        return rows[0][0] if rows else b"0-0"
+        rows: Any = await self._bounded(
+            self._redis.xrevrange(keys.NEW_DEPLOYMENTS, "+", "-", count=1)
+        )
+        return bytes(rows[0][0]) if rows else b"0-0"
 
 
 def _stored(deployment_id: int, entry: bytes, fields: dict[bytes, bytes]) -> StoredEvent:

@@ -45,7 +45,7 @@ def stored_event(event: StoredEvent) -> bytes:
 
 
 def watch_response(events: Iterable[StoredEvent]) -> bytes:
-    parts = []
+    parts: list[bytes] = []
     for event in events:
         body = stored_event(event)
         parts += (_TAG_1_LEN, varint(len(body)), body)
