@@ -1,0 +1,44 @@
+"""The hand-assembled response bytes parse as the .proto says, field for field."""
+
+from __future__ import annotations
+
+import pytest
+
+from activity_events import wire
+from activity_events.events import Cursor, StoredEvent
+from activity_events.pb import activityevents_pb2 as pb
+
+
+def stored(deployment: int, ms: int, seq: int, event_id: int, message: str) -> StoredEvent:
+    event = pb.EventRequest(
+        id=event_id,
+        message=message,
+        timestamp=pb.Timestamp(send=1, receive=2**62),
+        deployment_id=deployment,
+    )
+    return StoredEvent(Cursor(deployment, ms, seq), event.SerializeToString())
+
+
+@pytest.mark.parametrize("n", [1, 127, 128, 300, 2**31 - 1, 2**62])
+def test_varint_matches_protobuf(n: int) -> None:
+    assert pb.Timestamp(send=n).SerializeToString() == b"\x08" + wire.varint(n)
+
+
+def test_watch_response_round_trips() -> None:
+    events = [
+        stored(1, 1_700_000_000_000, 0, 1, "short"),
+        stored(2**31 - 1, 1_700_000_000_001, 7, 2**31 - 1, "é" * 300),
+        stored(3, 1, 2**40, 5, ""),
+    ]
+    parsed = pb.WatchEventsResponse.FromString(wire.watch_response(events))
+    assert not parsed.caught_up
+    assert [e.cursor for e in parsed.events] == [str(e.cursor) for e in events]
+    assert [e.event for e in parsed.events] == [e.decode() for e in events]
+    # byte-identical to what the protobuf runtime would produce
+    expected = pb.WatchEventsResponse(events=[e.to_proto() for e in events]).SerializeToString()
+    assert wire.watch_response(events) == expected
+
+
+def test_caught_up_marker() -> None:
+    parsed = pb.WatchEventsResponse.FromString(wire.CAUGHT_UP)
+    assert parsed.caught_up and not parsed.events
