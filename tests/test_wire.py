@@ -42,3 +42,18 @@ def test_watch_response_round_trips() -> None:
 def test_caught_up_marker() -> None:
     parsed = pb.WatchEventsResponse.FromString(wire.CAUGHT_UP)
     assert parsed.caught_up and not parsed.events
+
+
+def test_watch_responses_split_by_size_and_keep_order() -> None:
+    events = [stored(1, 1000 + i, 0, i + 1, "x" * 400) for i in range(50)]
+    messages = list(wire.watch_responses(events, max_bytes=2000))
+    assert len(messages) > 1
+    assert all(len(m) <= 2000 for m in messages)
+    cursors = [e.cursor for m in messages for e in pb.WatchEventsResponse.FromString(m).events]
+    assert cursors == [str(e.cursor) for e in events]
+    # an event larger than the bound still goes out, alone
+    big = [stored(1, 1, 0, 1, "y" * 5000), stored(1, 2, 0, 2, "z")]
+    assert [
+        len(pb.WatchEventsResponse.FromString(m).events) for m in wire.watch_responses(big, 2000)
+    ] == [1, 1]
+    assert list(wire.watch_responses([], 2000)) == []

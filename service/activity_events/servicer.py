@@ -51,6 +51,8 @@ STATUS: dict[type[ActivityError], grpc.StatusCode] = {
 
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
+MAX_RESPONSE_BYTES = 1 << 20
+"""Largest WatchEvents message assembled, well under gRPC's default 4 MiB client limit."""
 MAX_CATCHUPS = 5
 """Times a follower that overflowed while reading history re-reads from Redis
 before it is treated as unable to keep up."""
@@ -102,9 +104,7 @@ class ActivityEventsServicer:
     # -- error mapping -----------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _call(
-        self, context: Context, *, limit: _Limit | None = None
-    ) -> AsyncIterator[None]:
+    async def _call(self, context: Context, *, limit: _Limit | None = None) -> AsyncIterator[None]:
         try:
             if limit is None:
                 yield
@@ -116,9 +116,7 @@ class ActivityEventsServicer:
 
     # -- legacy RPCs ---------------------------------------------------------------
 
-    async def CreateEvent(
-        self, request: pb.EventRequest, context: Context
-    ) -> pb.EventResponse:
+    async def CreateEvent(self, request: pb.EventRequest, context: Context) -> pb.EventResponse:
         async with self._call(context, limit=self.unary_limit):
             new = validate_new(request, max_message_bytes=self._settings.max_message_bytes)
             receive = time.time_ns()
@@ -133,9 +131,7 @@ class ActivityEventsServicer:
             )
         raise AssertionError("unreachable")  # abort() raised
 
-    async def ListEvents(
-        self, request: pb.Deployment, context: Context
-    ) -> AsyncIterator[bytes]:
+    async def ListEvents(self, request: pb.Deployment, context: Context) -> AsyncIterator[bytes]:
         async with self._call(context, limit=self.unary_limit):
             deployment = validate_deployment_id(request.id, field="id", allow_all=True)
             async for page in self._history(deployment, None):
@@ -245,9 +241,8 @@ class ActivityEventsServicer:
         position = after
         for _ in range(MAX_CATCHUPS):
             async for page in self._history(deployment, position):
-                events = fresh(page)
-                if events:
-                    yield wire.watch_response(events)
+                for message in wire.watch_responses(fresh(page), MAX_RESPONSE_BYTES):
+                    yield message
                 if remaining == 0:
                     return
             if sub is None:
@@ -264,9 +259,8 @@ class ActivityEventsServicer:
         page_size = self._settings.page_size
         while not self._hub.stopping:
             batch = await sub.next_batch(last_cursor(seen), page_size)
-            events = fresh(batch)
-            if events:
-                yield wire.watch_response(events)
+            for message in wire.watch_responses(fresh(batch), MAX_RESPONSE_BYTES):
+                yield message
             if remaining == 0:
                 return
 

@@ -12,7 +12,7 @@ tests/test_wire.py checks them against the protobuf runtime.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 
 from .events import StoredEvent
 
@@ -50,6 +50,24 @@ def watch_response(events: Iterable[StoredEvent]) -> bytes:
         body = stored_event(event)
         parts += (_TAG_1_LEN, varint(len(body)), body)
     return b"".join(parts)
+
+
+def watch_responses(events: Sequence[StoredEvent], max_bytes: int) -> Iterator[bytes]:
+    """WatchEventsResponse messages holding ``events`` in order, each at most about
+    ``max_bytes`` (a single larger event gets a message of its own), so that no
+    message exceeds a client's receive limit (4 MiB by default in gRPC)."""
+    parts: list[bytes] = []
+    size = 0
+    for event in events:
+        body = stored_event(event)
+        piece = _TAG_1_LEN + varint(len(body)) + body
+        if parts and size + len(piece) > max_bytes:
+            yield b"".join(parts)
+            parts, size = [], 0
+        parts.append(piece)
+        size += len(piece)
+    if parts:
+        yield b"".join(parts)
 
 
 def identity(message: bytes) -> bytes:
