@@ -7,7 +7,7 @@ Fixture API (all function-scoped; everything started is stopped in
   from the environment so Settings only see what a test passes.
 - ``redis_server``: a started ``RedisProcess`` (private redis-server on a free
   port in a temp dir): ``.url``, ``.port``, ``.pid``, ``.stop()``, ``.kill()``,
-  ``.start()`` (same port and dir again).
+  ``.start()`` (same port and dir again), ``.pause()``/``.resume()`` (SIGSTOP/SIGCONT).
 - ``redis_factory(**kwargs)``: more RedisProcess instances (started), e.g.
   with other ``options``.
 - ``redis_client``: ``redis.asyncio.Redis`` (bytes responses) on ``redis_server``,
@@ -34,9 +34,9 @@ from typing import Any
 import grpc
 import pytest
 import redis.asyncio as redis_asyncio
+
 from activity_events.pb import activityevents_pb2_grpc as pb_grpc
 from activity_events.settings import Settings
-
 from tests.support.redis_process import RedisProcess
 from tests.support.server_process import SETTINGS_ENV_NAMES, SETTINGS_ENV_PREFIXES, ServerProcess
 
@@ -114,8 +114,9 @@ async def app_factory(settings_factory: SettingsFactory) -> AsyncIterator[AppFac
 
     All are stopped at teardown, newest first.
     """
-    from activity_events.server import Application  # noqa: PLC0415
     from prometheus_client import CollectorRegistry  # noqa: PLC0415
+
+    from activity_events.server import Application  # noqa: PLC0415
 
     started: list[Any] = []
 

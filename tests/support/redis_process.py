@@ -152,6 +152,7 @@ class RedisProcess:
         if process is None or process.poll() is not None:
             return
         try:
+            process.send_signal(signal.SIGCONT)  # a paused server could not act on SIGTERM
             process.send_signal(signal.SIGTERM)
             try:
                 process.wait(timeout=timeout)
@@ -169,6 +170,16 @@ class RedisProcess:
             return
         process.kill()
         process.wait(timeout=STOP_TIMEOUT_SECONDS)
+
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its sockets but answers nothing (a hung Redis)."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after ``pause()``."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGCONT)
 
     def log_tail(self, lines: int = 20) -> str:
         """The end of the server's log, for failure messages."""
