@@ -1,0 +1,619 @@
+"""``activity-client``: its output formats, and the real CLI against a real server.
+
+The formatting functions are tested directly. Everything else runs the CLI as
+a subprocess (``python -m activity_events.client``), the way users and
+container health checks run it, against an in-process server on a private
+redis-server: output lines, exit codes, follow and Ctrl-C, import/export.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pty
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from activity_events.cli.arguments import split_command
+from activity_events.cli.connection import ROUND_ROBIN_CONFIG, build_target, channel_options
+from activity_events.cli.errors import ExitCode
+from activity_events.cli.event_input import EventInputError, event_from_json, stamp_send_time
+from activity_events.cli.formatting import (
+    created_line,
+    event_json,
+    event_line,
+    format_time_ns,
+    go_quote,
+    go_text,
+    line_list,
+    logrus_line,
+    shorten,
+    table,
+)
+from activity_events.cli.progress import ProgressBar, render
+from activity_events.cli.transfer import ImportSummary
+from activity_events.pb import activityevents_pb2 as pb
+from tests.support.ports import free_port
+
+CLI = [sys.executable, "-m", "activity_events.client"]
+
+#: Deadline for one CLI run; far above what any command here needs.
+RUN_TIMEOUT = 30.0
+
+#: Legacy -add line; the figure is the server's execution time in ms.
+CREATED = re.compile(
+    r"^INFO\[\d{4}\] An event created with id \[(\d+)\] for deployment_id \[(\d+)\] in (\d+) ms\s*$"
+)
+#: Legacy listing line, Go's compact text of the EventRequest.
+LISTED = re.compile(
+    r'^INFO\[\d{4}\] Event: id:(\d+) message:"(.*)" '
+    r"timestamp:<send:(\d+) receive:(\d+) > deployment_id:(\d+)\s*$"
+)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def err_lines(self) -> list[str]:
+        return [line for line in self.err.splitlines() if line.strip()]
+
+    @property
+    def out_lines(self) -> list[str]:
+        return [line for line in self.out.splitlines() if line.strip()]
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["NO_COLOR"] = "1"
+    return env
+
+
+async def run_cli(*args: str, stdin: bytes | None = None, timeout: float = RUN_TIMEOUT) -> Result:
+    """Run the CLI to completion with piped stdin/stdout/stderr (never blocks the loop)."""
+    process = await asyncio.create_subprocess_exec(
+        *CLI,
+        *args,
+        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=child_env(),
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(stdin), timeout)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return Result(process.returncode, out.decode(), err.decode())
+
+
+def read_all(fd: int, limit_seconds: float) -> bytes:
+    """Read a pty master until the other side closes (EIO) or time runs out."""
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + limit_seconds
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def run_cli_with_tty(
+    *args: str, tty_stdin: bool = False, answer: bytes = b""
+) -> tuple[int, str, str]:
+    """Run the CLI with stderr (and optionally stdin) on a pseudo-terminal.
+
+    Returns (exit code, stdout, everything written to the terminal).
+    """
+    master, slave = pty.openpty()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *CLI,
+            *args,
+            stdin=slave if tty_stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            env=child_env(),
+        )
+        os.close(slave)
+        slave = -1
+        try:
+            if answer:
+                os.write(master, answer)
+            reader = asyncio.create_task(asyncio.to_thread(read_all, master, RUN_TIMEOUT))
+            assert process.stdout is not None
+            out = await asyncio.wait_for(process.stdout.read(), RUN_TIMEOUT)
+            code = await asyncio.wait_for(process.wait(), RUN_TIMEOUT)
+            terminal = await asyncio.wait_for(reader, RUN_TIMEOUT + 1)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    return code, out.decode(), terminal.decode(errors="replace")
+
+
+def connect(app: Any) -> list[str]:
+    return ["-port", str(app.port)]
+
+
+async def create(stub: Any, deployment: int, event_id: int, message: str) -> pb.EventResponse:
+    request = pb.EventRequest(id=event_id, deployment_id=deployment, message=message)
+    request.timestamp.send = time.time_ns()
+    response: pb.EventResponse = await stub.CreateEvent(request, timeout=10)
+    return response
+
+
+async def history(stub: Any, deployment: int) -> list[pb.EventRequest]:
+    async def collect() -> list[pb.EventRequest]:
+        return [event async for event in stub.ListEvents(pb.Deployment(id=deployment))]
+
+    return await asyncio.wait_for(collect(), 10)
+
+
+def assert_one_error_line(result: Result) -> str:
+    """Failures print exactly one line on stderr, and never a traceback."""
+    assert "Traceback" not in result.err, result.err
+    assert len(result.err_lines) == 1, result.err
+    return result.err_lines[0]
+
+
+# --------------------------------------------------------------------------- pure formatting
+
+
+def test_go_quote_escapes_like_golang_protobuf() -> None:
+    assert go_quote('say "hi"\\') == '"say \\"hi\\"\\\\"'
+    assert go_quote("a\nb\tc\rd") == '"a\\nb\\tc\\rd"'
+    # non-ASCII: octal escape per UTF-8 byte, as Go's text marshaller walked bytes
+    assert go_quote("ü") == '"\\303\\274"'
+    assert go_quote("\x01\x7f") == '"\\001\\177"'
+    assert go_quote("it's") == '"it\'s"'
+
+
+def test_go_text_matches_gos_compact_string() -> None:
+    event = pb.EventRequest(id=1, message="ok", deployment_id=1)
+    event.timestamp.send = 1569500037894488000
+    event.timestamp.receive = 1569500037898843000
+    assert go_text(event) == (
+        'id:1 message:"ok" timestamp:<send:1569500037894488000 '
+        "receive:1569500037898843000 > deployment_id:1 "
+    )
+
+
+def test_go_text_leaves_out_zero_fields_and_shows_empty_messages() -> None:
+    assert go_text(pb.EventRequest(deployment_id=3)) == "deployment_id:3 "
+    event = pb.EventRequest(id=2)
+    event.timestamp.SetInParent()
+    assert go_text(event) == "id:2 timestamp:<> "
+    assert go_text(pb.EventRequest()) == ""
+
+
+def test_go_text_renders_enums_bools_and_repeated_fields() -> None:
+    response = pb.CreateEventsResponse(
+        results=[
+            pb.EventResult(index=0, outcome=pb.OUTCOME_CREATED),
+            pb.EventResult(index=1, outcome=pb.OUTCOME_CONFLICT, reason="x"),
+        ]
+    )
+    assert go_text(response) == (
+        'results:<outcome:OUTCOME_CREATED > results:<index:1 outcome:OUTCOME_CONFLICT reason:"x" > '
+    )
+    assert go_text(pb.EventResponse(id=1, success=True)) == "id:1 success:true "
+
+
+def test_logrus_line_pads_like_logrus_text_formatter() -> None:
+    assert logrus_line("info", "short", 4.9) == "INFO[0004] " + "short".ljust(44) + " "
+    long = "An event created with id [1] for deployment_id [1] in 4 ms"
+    assert logrus_line("info", long, 0.2) == f"INFO[0000] {long} "
+    assert logrus_line("error", "boom\n", 12) == "ERRO[0012] " + "boom".ljust(44) + " "
+    assert logrus_line("info", "x", 0, colour=True).startswith("\x1b[36mINFO\x1b[0m[0000] x")
+
+
+def test_legacy_message_lines() -> None:
+    assert created_line(1, 2, 4, duplicate=False) == (
+        "An event created with id [1] for deployment_id [2] in 4 ms"
+    )
+    assert created_line(1, 2, 0, duplicate=True) == (
+        "An event with id [1] for deployment_id [2] was already stored"
+    )
+    event = pb.EventRequest(id=5, message="m", deployment_id=2)
+    assert event_line(event) == 'Event: id:5 message:"m" deployment_id:2 '
+    assert event_line(event, "2:1-0") == 'Event: id:5 message:"m" deployment_id:2 cursor:"2:1-0"'
+
+
+def test_event_json_is_proto3_json_with_cursor() -> None:
+    event = pb.EventRequest(id=5, message="ünï", deployment_id=2)
+    event.timestamp.send = 10
+    event.timestamp.receive = 20
+    line = event_json(event, "2:1-0")
+    assert "\n" not in line
+    assert json.loads(line) == {
+        "id": 5,
+        "message": "ünï",
+        "deployment_id": 2,
+        "timestamp": {"send": "10", "receive": "20"},
+        "cursor": "2:1-0",
+    }
+    # zero-valued fields are kept for scripts
+    assert json.loads(event_json(pb.EventRequest(id=1, deployment_id=1), "1:1-0"))["message"] == ""
+
+
+def test_table_aligns_columns_without_trailing_spaces() -> None:
+    text = table(
+        ["ID", "NAME", "NOTE"], [["1", "alpha", "x"], ["100", "b", ""]], [True, False, False]
+    )
+    assert text.splitlines() == [" ID  NAME   NOTE", "  1  alpha  x", "100  b"]
+
+
+def test_shorten_time_and_line_list() -> None:
+    assert shorten("abcdef", 4) == "abc…"
+    assert shorten("ab\ncd", 10) == "ab…"
+    assert shorten("abc", 3) == "abc"
+    assert shorten("", 3) == ""
+    assert format_time_ns(0) == "-"
+    assert format_time_ns(1_700_000_000_123_456_789, tz=UTC) == "2023-11-14 22:13:20.123"
+    assert line_list([3, 7]) == "3, 7"
+    assert line_list(list(range(1, 26)), most=3) == "1, 2, 3 and 22 more"
+
+
+def test_import_summary_line_names_rejected_lines() -> None:
+    summary = ImportSummary("f.jsonl", created=3, duplicates=1)
+    assert summary.line() == "f.jsonl: 3 created, 1 duplicates, 0 conflicts, 0 invalid"
+    assert not summary.rejected
+    summary.conflicts.append((4, "id taken"))
+    summary.invalid.extend([(2, "bad"), (9, "worse")])
+    assert summary.line().endswith(
+        "1 conflicts, 2 invalid; conflicts at lines 4; invalid at lines 2, 9"
+    )
+    assert json.loads(summary.as_json())["invalid"] == [
+        {"line": 2, "reason": "bad"},
+        {"line": 9, "reason": "worse"},
+    ]
+
+
+def test_progress_render_and_silence_when_disabled(tmp_path: Path) -> None:
+    assert render("import", 50, 100, 7) == "import [" + "#" * 15 + "-" * 15 + "]  50% 7 events"
+    assert render("import", 10, None, 7) == "import 7 events"
+    with (tmp_path / "err").open("w+") as stream:
+        bar = ProgressBar(stream, "import", 100, enabled=False)
+        bar.update(50, 1, force=True)
+        bar.close()
+        stream.seek(0)
+        assert stream.read() == ""
+
+
+@pytest.mark.parametrize(
+    ("address", "port", "target"),
+    [
+        ("127.0.0.1", 50051, "127.0.0.1:50051"),
+        ("example.org", 7, "example.org:7"),
+        ("example.org:9000", 7, "example.org:9000"),
+        ("::1", 7, "[::1]:7"),
+        ("[::1]", 7, "[::1]:7"),
+        ("[::1]:9000", 7, "[::1]:9000"),
+        ("dns:///svc.ns:50051", 7, "dns:///svc.ns:50051"),
+        ("unix:/run/ae.sock", 7, "unix:/run/ae.sock"),
+    ],
+)
+def test_build_target(address: str, port: int, target: str) -> None:
+    assert build_target(address, port) == target
+
+
+def test_dns_targets_ask_for_round_robin() -> None:
+    assert ("grpc.service_config", ROUND_ROBIN_CONFIG) in channel_options("dns:///svc:1")
+    assert all(name != "grpc.service_config" for name, _ in channel_options("host:1"))
+    assert json.loads(ROUND_ROBIN_CONFIG) == {"loadBalancingConfig": [{"round_robin": {}}]}
+
+
+def test_event_input_accepts_go_and_proto3_spellings() -> None:
+    event = event_from_json('{"ID": 3, "Deployment_Id": 4, "message": "m"}')
+    assert (event.id, event.deployment_id, event.message) == (3, 4, "m")
+    assert event_from_json('{"deploymentId": 5}').deployment_id == 5
+    event = event_from_json('{"id": 1, "cursor": "1:1-0"}', ignore=frozenset({"cursor"}))
+    assert event.id == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("{bad", "malformed JSON"),
+        ("[1]", "expected a JSON object"),
+        ('{"id": 1, "deploymnet_id": 2}', "unknown field 'deploymnet_id'"),
+        ('{"id": "x"}', "id"),
+        ('{"id": 1, "ID": 2}', "given twice"),
+        ('{"timestamp": {"sent": 1}}', "sent"),
+    ],
+)
+def test_event_input_rejects_bad_events(text: str, fragment: str) -> None:
+    with pytest.raises(EventInputError, match=re.escape(fragment)):
+        event_from_json(text)
+
+
+def test_send_time_is_stamped_unless_given() -> None:
+    event = pb.EventRequest(id=1)
+    stamp_send_time(event, now_ns=42)
+    assert event.timestamp.send == 42
+    stamp_send_time(event, now_ns=99)
+    assert event.timestamp.send == 42
+
+
+def test_split_command_allows_connection_flags_first() -> None:
+    assert split_command(["health", "--port", "1"]) == ("health", ["--port", "1"])
+    assert split_command(["-port", "1", "-address=h", "health", "--json"]) == (
+        "health",
+        ["--json", "-port", "1", "-address=h"],
+    )
+    assert split_command(["-deployment", "1"]) == (None, ["-deployment", "1"])
+    assert split_command(["-add", "health"]) == (None, ["-add", "health"])
+
+
+def test_client_imports_nothing_heavy() -> None:
+    """Start-up speed: the CLI must not pull in the server's stack (pydantic, redis)."""
+    probe = (
+        "import sys, time; t = time.perf_counter(); import activity_events.client; "
+        "print(time.perf_counter() - t, 'pydantic' in sys.modules, 'redis' in sys.modules)"
+    )
+    output = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30, check=True
+    ).stdout.split()
+    assert output[1:] == ["False", "False"]
+    # ~0.15 s on an idle machine; the bound only catches gross regressions on a busy one
+    assert float(output[0]) < 2.0
+
+
+# --------------------------------------------------------------------------- legacy flags
+
+
+async def test_no_arguments_prints_help_and_exits_0() -> None:
+    result = await run_cli()
+    assert result.code == ExitCode.OK
+    assert "-add JSON" in result.out
+    assert "-deployment N" in result.out
+    assert "exit codes:" in result.out
+
+
+@pytest.mark.parametrize(
+    "command", [[], ["health"], ["deployments"], ["delete"], ["export"], ["import"]]
+)
+async def test_every_command_has_help_with_examples(command: list[str]) -> None:
+    result = await run_cli(*command, "--help")
+    assert result.code == ExitCode.OK
+    assert "examples:" in result.out
+    assert "exit codes:" in result.out
+    assert "  3 " in result.out
+
+
+async def test_add_and_list_print_the_original_lines(server: Any) -> None:
+    add = '{"id":1, "deployment_id": 11, "message":"Deployment has been created successfully"}'
+    before = time.time_ns()
+    result = await run_cli("-add", add, *connect(server))
+    assert result.code == ExitCode.OK, result.err
+    assert result.out == ""  # logrus wrote to stderr
+    [line] = result.err_lines
+    created = CREATED.match(line)
+    assert created, line
+    assert created.group(1, 2) == ("1", "11")
+    assert int(created.group(3)) < 5000
+
+    # double-dash spelling and -flag=value work the same
+    result = await run_cli(
+        "--add", '{"id":2,"deployment_id":11,"message":"two \\"q\\""}', f"--port={server.port}"
+    )
+    assert result.code == ExitCode.OK, result.err
+
+    result = await run_cli("-deployment", "11", *connect(server))
+    assert result.code == ExitCode.OK, result.err
+    matches = [LISTED.match(line) for line in result.err_lines]
+    assert all(matches), result.err
+    rows = [m.groups() for m in matches if m]
+    assert [(r[0], r[1], r[4]) for r in rows] == [
+        ("1", "Deployment has been created successfully", "11"),
+        ("2", 'two \\"q\\"', "11"),
+    ]
+    send, receive = int(rows[0][2]), int(rows[0][3])
+    assert before <= send <= receive  # -add stamped timestamp.send with "now" in ns
+
+
+async def test_duplicate_add_says_so(server: Any) -> None:
+    add = '{"id":1, "deployment_id": 12, "message":"once"}'
+    assert (await run_cli("-add", add, *connect(server))).code == ExitCode.OK
+    result = await run_cli("-add", add, *connect(server))
+    assert result.code == ExitCode.OK
+    assert re.match(
+        r"^INFO\[\d{4}\] An event with id \[1\] for deployment_id \[12\] was already stored\s*$",
+        result.err_lines[0],
+    )
+
+
+async def test_deployment_0_lists_all_deployments(server: Any, stub: Any) -> None:
+    await create(stub, 21, 1, "a")
+    await create(stub, 22, 1, "b")
+    await create(stub, 21, 2, "c")
+    result = await run_cli("-deployment", "0", *connect(server))
+    assert result.code == ExitCode.OK
+    seen = [(m.group(5), m.group(2)) for m in map(LISTED.match, result.err_lines) if m]
+    assert seen == [("21", "a"), ("22", "b"), ("21", "c")]
+
+
+async def test_conflict_is_a_one_line_server_error(server: Any) -> None:
+    assert (
+        await run_cli("-add", '{"id":1,"deployment_id":13,"message":"a"}', *connect(server))
+    ).code == 0
+    result = await run_cli("-add", '{"id":1,"deployment_id":13,"message":"b"}', *connect(server))
+    assert result.code == ExitCode.FAILED
+    line = assert_one_error_line(result)
+    assert line.startswith("ERRO[")
+    assert "ALREADY_EXISTS" in line
+
+
+async def test_invalid_event_is_a_server_error(server: Any) -> None:
+    result = await run_cli("-add", '{"id":1,"deployment_id":0,"message":"a"}', *connect(server))
+    assert result.code == ExitCode.FAILED
+    assert "INVALID_ARGUMENT" in assert_one_error_line(result)
+    assert "deployment_id" in result.err
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["-add", "{not json"], "malformed JSON"),
+        (["-add", '{"id":1,"deploymnet_id":2}'], "unknown field"),
+        (["-add", '{"id":"one"}'], "id"),
+        (["-deployment", "x"], "not an integer"),
+        (["-deployment", "-1"], "not a deployment id"),
+        (["--follow"], "need -deployment"),
+        (["-port", "1"], "nothing to do"),
+        (["-nope"], "unrecognized arguments"),
+        (["-deployment", "1", "--limit", "-5"], "limit"),
+        (["health", "--timeout", "0"], "timeout"),
+    ],
+)
+async def test_bad_input_exits_2_with_one_line(args: list[str], fragment: str) -> None:
+    port = free_port()  # nothing listens: bad input must be caught before connecting
+    result = await run_cli(*args, "-port", str(port))
+    assert result.code == ExitCode.USAGE, result.err
+    assert fragment in assert_one_error_line(result)
+
+
+async def test_unreachable_server_exits_3_within_the_timeout() -> None:
+    started = time.monotonic()
+    result = await run_cli("-deployment", "1", "-port", str(free_port()), "--timeout", "1")
+    elapsed = time.monotonic() - started
+    assert result.code == ExitCode.UNAVAILABLE
+    assert "cannot reach the server" in assert_one_error_line(result)
+    assert elapsed < 10
+
+
+async def test_address_accepts_host_port_and_dns_targets(server: Any) -> None:
+    for address in (f"127.0.0.1:{server.port}", f"dns:///localhost:{server.port}"):
+        result = await run_cli("-deployment", "1", "-address", address, "-port", "1")
+        assert result.code == ExitCode.OK, (address, result.err)
+
+
+# --------------------------------------------------------------------------- new listing flags
+
+
+async def test_json_lines_after_and_limit(server: Any, stub: Any) -> None:
+    for event_id in (1, 2, 3):
+        await create(stub, 31, event_id, f"m{event_id}")
+    result = await run_cli("-deployment", "31", "--json", *connect(server))
+    assert result.code == ExitCode.OK, result.err
+    lines = [json.loads(line) for line in result.out_lines]
+    assert [line["id"] for line in lines] == [1, 2, 3]
+    assert all(line["deployment_id"] == 31 and line["cursor"].startswith("31:") for line in lines)
+    assert int(lines[0]["timestamp"]["receive"]) > 0
+
+    result = await run_cli(
+        "-deployment",
+        "31",
+        "--json",
+        "--after",
+        lines[0]["cursor"],
+        "--limit",
+        "1",
+        *connect(server),
+    )
+    assert [json.loads(line)["id"] for line in result.out_lines] == [2]
+
+    # without --json the watch lines are the legacy line plus the cursor
+    result = await run_cli("-deployment", "31", "-after", lines[1]["cursor"], *connect(server))
+    assert result.code == ExitCode.OK
+    assert re.match(r'^INFO\[\d{4}\] Event: id:3 .* cursor:"31:\d+-\d+"\s*$', result.err_lines[0])
+
+
+async def test_malformed_cursor_is_a_server_error(server: Any) -> None:
+    result = await run_cli("-deployment", "1", "--after", "garbage", *connect(server))
+    assert result.code == ExitCode.FAILED
+    line = assert_one_error_line(result)
+    assert "INVALID_ARGUMENT" in line
+    assert "after" in line
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+async def test_follow_prints_new_events_and_ctrl_c_exits_0(
+    server: Any, stub: Any, as_json: bool
+) -> None:
+    await create(stub, 41, 1, "old")
+    args = ["-deployment", "41", "--follow", *connect(server)] + (["--json"] if as_json else [])
+    process = await asyncio.create_subprocess_exec(
+        *CLI, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env()
+    )
+    assert process.stdout is not None
+    assert process.stderr is not None
+    stream = process.stdout if as_json else process.stderr
+    try:
+        first = (await asyncio.wait_for(stream.readline(), 10)).decode()
+        assert "old" in first
+        if not as_json:
+            caught_up = (await asyncio.wait_for(stream.readline(), 10)).decode()
+            assert "Caught up" in caught_up
+        else:
+            await asyncio.sleep(0.5)  # the caught_up marker is not printed in JSON mode
+        await create(stub, 41, 2, "live one")
+        live = (await asyncio.wait_for(stream.readline(), 10)).decode()
+        if as_json:
+            assert json.loads(live)["message"] == "live one"
+        else:
+            assert 'Event: id:2 message:"live one"' in live
+        process.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(process.wait(), 10)
+        rest = (await asyncio.wait_for(process.stderr.read(), 5)).decode()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert code == ExitCode.OK
+    assert "Traceback" not in rest
+
+
+# --------------------------------------------------------------------------- health
+
+
+async def test_health_serving_exits_0(server: Any) -> None:
+    for service in ("", "activityevents.ActivityEvents"):
+        started = time.monotonic()
+        result = await run_cli("health", "--service", service, *connect(server))
+        assert result.code == ExitCode.OK, result.err
+        assert result.out.strip() == "SERVING"
+        assert time.monotonic() - started < 5
+    result = await run_cli("--port", str(server.port), "health", "--json")
+    assert json.loads(result.out) == {"service": "", "status": "SERVING"}
+
+
+async def test_health_unknown_service_exits_1(server: Any) -> None:
+    result = await run_cli("health", "--service", "no.such.Service", *connect(server))
+    assert result.code == ExitCode.FAILED
+    assert result.out.strip() == "SERVICE_UNKNOWN"
+
+
+async def test_health_with_nothing_listening_exits_1_fast() -> None:
+    started = time.monotonic()
+    result = await run_cli("health", "-port", str(free_port()), "--timeout", "1")
+    assert result.code == ExitCode.FAILED  # never 2: Docker reserves it
+    assert "cannot reach the server" in assert_one_error_line(result)
+    assert time.monotonic() - started < 8
