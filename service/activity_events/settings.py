@@ -106,6 +106,18 @@ class Settings(BaseSettings):
     redis_password: SecretStr | None = Field(
         None, description="Redis password, when not given in the URL."
     )
+    redis_username: str | None = Field(
+        None, description="Redis ACL user name, when not given in the URL."
+    )
+    redis_tls_ca_file: Path | None = Field(
+        None, description="CA bundle that signs the Redis server certificate (rediss://)."
+    )
+    redis_tls_cert_file: Path | None = Field(
+        None, description="Client certificate for Redis TLS with client authentication."
+    )
+    redis_tls_key_file: Path | None = Field(
+        None, description="Private key of redis_tls_cert_file."
+    )
     redis_max_connections: int = Field(
         6,
         gt=0,

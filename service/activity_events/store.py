@@ -113,7 +113,18 @@ def connect(
     opening more: connections per replica stay at ``max_connections``. One quick
     retry on a fresh connection hides a stale pooled socket after a Redis restart.
     """
-    password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    extra: dict[str, Any] = {}
+    if settings.redis_password is not None:
+        extra["password"] = settings.redis_password.get_secret_value()
+    if settings.redis_username:
+        extra["username"] = settings.redis_username
+    if url.startswith("rediss://"):
+        if settings.redis_tls_ca_file is not None:
+            extra["ssl_ca_certs"] = str(settings.redis_tls_ca_file)
+        if settings.redis_tls_cert_file is not None:
+            extra["ssl_certfile"] = str(settings.redis_tls_cert_file)
+        if settings.redis_tls_key_file is not None:
+            extra["ssl_keyfile"] = str(settings.redis_tls_key_file)
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -123,7 +134,7 @@ def connect(
         retry=Retry(NoBackoff(), 1),
         retry_on_error=[rexc.ConnectionError],
         health_check_interval=30,
-        **({"password": password} if password else {}),
+        **extra,
     )
     logger.debug("redis pool for %s with %d connections", redact_url(url), max_connections)
     return aioredis.Redis(connection_pool=pool)
