@@ -10,6 +10,10 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
 from activity_events.httpserver import MetricsServer
 from activity_events.interceptors import (
     GO_CODE_NAMES,
@@ -19,10 +23,6 @@ from activity_events.interceptors import (
 )
 from activity_events.metrics import ServiceMetrics
 from activity_events.pb import activityevents_pb2 as pb
-from grpc_health.v1 import health_pb2
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
-
 from tests.observability_probe import SERVICE, ProbeServer, probe_services, value, wait_for
 
 GO_CODES = {
