@@ -1,0 +1,126 @@
+"""The create scenario driven by h2load, for a load generator that costs next to nothing.
+
+A grpc.aio client spends about 250 µs of CPU per unary call on this kind of
+machine, as much as a grpc.aio server spends answering it: at 64 concurrent
+calls a Python client takes a whole core and caps what it can measure.
+h2load (nghttp2's HTTP/2 load generator, Debian package ``nghttp2-client``)
+speaks gRPC's framing when given the length-prefixed body and the two gRPC
+headers, and spends a few µs per request.
+
+It sends one body for every request, so each request is the same event with
+id 0: the server assigns the next id (behaviour of CreateEvent for id 0), and
+each call stores a new event. h2load does not read gRPC trailers, so calls
+that failed with a gRPC status are found afterwards by counting what the
+deployment holds (WatchEvents), and reported as ``errors``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import resource
+import shutil
+import tempfile
+from pathlib import Path
+
+from activity_events.bench.scenarios import (
+    Context,
+    Result,
+    ScenarioError,
+    make_message,
+    warm_up,
+)
+from activity_events.bench.stats import latency_fields
+from activity_events.pb import activityevents_pb2 as pb
+
+_METHOD = "/activityevents.ActivityEvents/CreateEvent"
+_FINISHED = re.compile(r"finished in ([0-9.]+)(m?s),")
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """A gRPC length-prefixed message: flag 0 (uncompressed), 4-byte big-endian length."""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _stored_events(ctx: Context, deployment: int) -> int:
+    events = 0
+    request = pb.WatchEventsRequest(deployment_id=deployment)
+    async for response in ctx.pool.stub(0).WatchEvents(request, timeout=ctx.options.timeout):
+        events += len(response.events)
+    return events
+
+
+async def run_create_h2load(ctx: Context) -> Result:
+    """Unary CreateEvent from h2load: ``connections`` sessions, ``concurrency`` streams in all."""
+    o = ctx.options
+    executable = shutil.which("h2load")
+    if executable is None:
+        raise ScenarioError("h2load not found (Debian/Ubuntu: apt-get install nghttp2-client)")
+    await warm_up(ctx)
+    event = pb.EventRequest(id=0, message=make_message(o.message_size, 0), deployment_id=o.base)
+    per_session = max(1, -(-o.concurrency // o.connections))
+    with tempfile.TemporaryDirectory(prefix="activity-bench-h2load-") as tmp:
+        body, log = Path(tmp) / "body", Path(tmp) / "requests.tsv"
+        body.write_bytes(grpc_frame(event.SerializeToString()))
+        argv = [
+            executable,
+            "--requests", str(o.count),
+            "--clients", str(o.connections),
+            "--max-concurrent-streams", str(per_session),
+            "--threads", "1",
+            "--data", str(body),
+            "--header", "content-type: application/grpc",
+            "--header", "te: trailers",
+            "--log-file", str(log),
+            f"http://{o.target}{_METHOD}",
+        ]  # fmt: skip
+        ctx.progress.begin("create (h2load)", 0)
+        meter = ctx.meter()
+        children_before = _children_cpu()
+        meter.start()
+        process = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        try:
+            output, _ = await asyncio.wait_for(process.communicate(), o.timeout * 10)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise
+        wall = meter.stop()
+        children_cpu = _children_cpu() - children_before
+        text = output.decode(errors="replace")
+        if process.returncode != 0:
+            raise ScenarioError(f"h2load exited {process.returncode}: {text[-500:]}")
+        latencies_us: list[int] = []
+        statuses = 0
+        for line in log.read_text().splitlines():
+            columns = line.split("\t")
+            if len(columns) >= 3:
+                latencies_us.append(int(columns[2]))
+                statuses += columns[1] != "200"
+    match = _FINISHED.search(text)
+    seconds = wall
+    if match:
+        seconds = float(match.group(1)) / (1000.0 if match.group(2) == "ms" else 1.0)
+    stored = await _stored_events(ctx, o.base)
+    fields = meter.fields()
+    fields["client_cpu_pct"] = round(
+        (fields.get("client_cpu_pct") or 0.0) + 100.0 * children_cpu / wall, 1
+    )
+    return {
+        "events": stored,
+        "seconds": round(seconds, 3),
+        "events_per_s": round(stored / seconds, 1) if seconds > 0 else 0.0,
+        **latency_fields(latencies_us, per_ms=1e3),
+        "client": "h2load",
+        "requests": len(latencies_us),
+        "http_errors": statuses,
+        "errors": max(0, o.count - stored),
+        **fields,
+    }
