@@ -71,6 +71,29 @@ class Settings(BaseSettings):
         10000, gt=0, description="Follow streams served at once; beyond it RESOURCE_EXHAUSTED."
     )
 
+    # --- security -----------------------------------------------------------------
+    tls_cert_file: Path | None = Field(
+        None,
+        description="PEM certificate (chain) of the gRPC port; with tls_key_file the port "
+        "speaks TLS only. Unset: plaintext.",
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: Path | None = Field(
+        None,
+        description="PEM CA bundle; when set, clients must present a certificate it signed "
+        "(mutual TLS).",
+    )
+    auth_tokens_file: Path | None = Field(
+        None,
+        description="File of bearer tokens, one 'role[,role...] token [name]' per line "
+        "(roles writer, reader, admin); re-read when it changes. Unset: no auth.",
+    )
+    auth_reflection: Literal["open", "token"] = Field(
+        "token",
+        description="With auth on, server reflection is 'open' to all or needs a valid "
+        "'token' of any role. Health is always open.",
+    )
+
     # --- events ---------------------------------------------------------------
     max_message_bytes: int = Field(
         64 * 1024, gt=0, description="Longest event message (UTF-8 bytes)."
