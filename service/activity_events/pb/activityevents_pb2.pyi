@@ -15,11 +15,22 @@ class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTCOME_DUPLICATE: _ClassVar[Outcome]
     OUTCOME_CONFLICT: _ClassVar[Outcome]
     OUTCOME_INVALID: _ClassVar[Outcome]
+
+class StartPosition(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    START_POSITION_UNSPECIFIED: _ClassVar[StartPosition]
+    START_POSITION_BEGINNING: _ClassVar[StartPosition]
+    START_POSITION_NOW: _ClassVar[StartPosition]
+    START_POSITION_CURSOR: _ClassVar[StartPosition]
 OUTCOME_UNSPECIFIED: Outcome
 OUTCOME_CREATED: Outcome
 OUTCOME_DUPLICATE: Outcome
 OUTCOME_CONFLICT: Outcome
 OUTCOME_INVALID: Outcome
+START_POSITION_UNSPECIFIED: StartPosition
+START_POSITION_BEGINNING: StartPosition
+START_POSITION_NOW: StartPosition
+START_POSITION_CURSOR: StartPosition
 
 class Deployment(_message.Message):
     __slots__ = ("id",)
@@ -160,3 +171,167 @@ class DeleteDeploymentResponse(_message.Message):
     DELETED_EVENTS_FIELD_NUMBER: _ClassVar[int]
     deleted_events: int
     def __init__(self, deleted_events: _Optional[int] = ...) -> None: ...
+
+class SubscribeOpen(_message.Message):
+    __slots__ = ("subscription", "consumer", "deployment_id", "start", "start_cursor", "visibility_timeout_ms", "max_deliveries", "max_in_flight")
+    SUBSCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    CONSUMER_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    START_CURSOR_FIELD_NUMBER: _ClassVar[int]
+    VISIBILITY_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DELIVERIES_FIELD_NUMBER: _ClassVar[int]
+    MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    subscription: str
+    consumer: str
+    deployment_id: int
+    start: StartPosition
+    start_cursor: str
+    visibility_timeout_ms: int
+    max_deliveries: int
+    max_in_flight: int
+    def __init__(self, subscription: _Optional[str] = ..., consumer: _Optional[str] = ..., deployment_id: _Optional[int] = ..., start: _Optional[_Union[StartPosition, str]] = ..., start_cursor: _Optional[str] = ..., visibility_timeout_ms: _Optional[int] = ..., max_deliveries: _Optional[int] = ..., max_in_flight: _Optional[int] = ...) -> None: ...
+
+class SubscribeAck(_message.Message):
+    __slots__ = ("cursors",)
+    CURSORS_FIELD_NUMBER: _ClassVar[int]
+    cursors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, cursors: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SubscribeRequest(_message.Message):
+    __slots__ = ("open", "ack")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    open: SubscribeOpen
+    ack: SubscribeAck
+    def __init__(self, open: _Optional[_Union[SubscribeOpen, _Mapping]] = ..., ack: _Optional[_Union[SubscribeAck, _Mapping]] = ...) -> None: ...
+
+class Delivery(_message.Message):
+    __slots__ = ("event", "cursor", "delivery_count")
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_COUNT_FIELD_NUMBER: _ClassVar[int]
+    event: EventRequest
+    cursor: str
+    delivery_count: int
+    def __init__(self, event: _Optional[_Union[EventRequest, _Mapping]] = ..., cursor: _Optional[str] = ..., delivery_count: _Optional[int] = ...) -> None: ...
+
+class AckError(_message.Message):
+    __slots__ = ("cursor", "reason")
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    cursor: str
+    reason: str
+    def __init__(self, cursor: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SubscribeOpened(_message.Message):
+    __slots__ = ("consumer", "subscription")
+    CONSUMER_FIELD_NUMBER: _ClassVar[int]
+    SUBSCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    consumer: str
+    subscription: Subscription
+    def __init__(self, consumer: _Optional[str] = ..., subscription: _Optional[_Union[Subscription, _Mapping]] = ...) -> None: ...
+
+class SubscribeResponse(_message.Message):
+    __slots__ = ("deliveries", "ack_errors", "opened")
+    DELIVERIES_FIELD_NUMBER: _ClassVar[int]
+    ACK_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    OPENED_FIELD_NUMBER: _ClassVar[int]
+    deliveries: _containers.RepeatedCompositeFieldContainer[Delivery]
+    ack_errors: _containers.RepeatedCompositeFieldContainer[AckError]
+    opened: SubscribeOpened
+    def __init__(self, deliveries: _Optional[_Iterable[_Union[Delivery, _Mapping]]] = ..., ack_errors: _Optional[_Iterable[_Union[AckError, _Mapping]]] = ..., opened: _Optional[_Union[SubscribeOpened, _Mapping]] = ...) -> None: ...
+
+class Subscription(_message.Message):
+    __slots__ = ("name", "deployment_id", "visibility_timeout_ms", "max_deliveries", "create_time_ms", "lag", "pending", "dead_letters", "consumers")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    VISIBILITY_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DELIVERIES_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    LAG_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTERS_FIELD_NUMBER: _ClassVar[int]
+    CONSUMERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    deployment_id: int
+    visibility_timeout_ms: int
+    max_deliveries: int
+    create_time_ms: int
+    lag: int
+    pending: int
+    dead_letters: int
+    consumers: int
+    def __init__(self, name: _Optional[str] = ..., deployment_id: _Optional[int] = ..., visibility_timeout_ms: _Optional[int] = ..., max_deliveries: _Optional[int] = ..., create_time_ms: _Optional[int] = ..., lag: _Optional[int] = ..., pending: _Optional[int] = ..., dead_letters: _Optional[int] = ..., consumers: _Optional[int] = ...) -> None: ...
+
+class ListSubscriptionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSubscriptionsResponse(_message.Message):
+    __slots__ = ("subscriptions",)
+    SUBSCRIPTIONS_FIELD_NUMBER: _ClassVar[int]
+    subscriptions: _containers.RepeatedCompositeFieldContainer[Subscription]
+    def __init__(self, subscriptions: _Optional[_Iterable[_Union[Subscription, _Mapping]]] = ...) -> None: ...
+
+class DeleteSubscriptionRequest(_message.Message):
+    __slots__ = ("subscription",)
+    SUBSCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    subscription: str
+    def __init__(self, subscription: _Optional[str] = ...) -> None: ...
+
+class DeleteSubscriptionResponse(_message.Message):
+    __slots__ = ("deleted_dead_letters",)
+    DELETED_DEAD_LETTERS_FIELD_NUMBER: _ClassVar[int]
+    deleted_dead_letters: int
+    def __init__(self, deleted_dead_letters: _Optional[int] = ...) -> None: ...
+
+class ListDeadLettersRequest(_message.Message):
+    __slots__ = ("subscription", "deployment_id", "page_size", "page_token")
+    SUBSCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    subscription: str
+    deployment_id: int
+    page_size: int
+    page_token: str
+    def __init__(self, subscription: _Optional[str] = ..., deployment_id: _Optional[int] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class DeadLetter(_message.Message):
+    __slots__ = ("id", "event", "delivery_count", "consumer", "dead_letter_time_ms")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CONSUMER_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    event: StoredEvent
+    delivery_count: int
+    consumer: str
+    dead_letter_time_ms: int
+    def __init__(self, id: _Optional[str] = ..., event: _Optional[_Union[StoredEvent, _Mapping]] = ..., delivery_count: _Optional[int] = ..., consumer: _Optional[str] = ..., dead_letter_time_ms: _Optional[int] = ...) -> None: ...
+
+class ListDeadLettersResponse(_message.Message):
+    __slots__ = ("dead_letters", "next_page_token")
+    DEAD_LETTERS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    dead_letters: _containers.RepeatedCompositeFieldContainer[DeadLetter]
+    next_page_token: str
+    def __init__(self, dead_letters: _Optional[_Iterable[_Union[DeadLetter, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ReplayDeadLettersRequest(_message.Message):
+    __slots__ = ("subscription", "ids", "deployment_id")
+    SUBSCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    subscription: str
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    deployment_id: int
+    def __init__(self, subscription: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ..., deployment_id: _Optional[int] = ...) -> None: ...
+
+class ReplayDeadLettersResponse(_message.Message):
+    __slots__ = ("replayed",)
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    replayed: int
+    def __init__(self, replayed: _Optional[int] = ...) -> None: ...

@@ -330,3 +330,281 @@ class ActivityEvents:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class SubscriptionsStub:
+    """Subscriptions: durable, acknowledged delivery of events to other services,
+    built on Redis Streams consumer groups. A subscription is a named consumer
+    group on one deployment (or on every deployment); its consumers split the
+    events between them, each event handled by one consumer at a time. Delivery
+    is at-least-once: an event not acknowledged within the visibility timeout
+    is delivered again (to the same or another consumer), and after
+    max_deliveries deliveries it moves to the subscription's dead letters,
+    where it can be listed and replayed. Order holds within one deployment only.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Subscribe = channel.stream_stream(
+                '/activityevents.Subscriptions/Subscribe',
+                request_serializer=activityevents_dot_activityevents__pb2.SubscribeRequest.SerializeToString,
+                response_deserializer=activityevents_dot_activityevents__pb2.SubscribeResponse.FromString,
+                _registered_method=True)
+        self.ListSubscriptions = channel.unary_unary(
+                '/activityevents.Subscriptions/ListSubscriptions',
+                request_serializer=activityevents_dot_activityevents__pb2.ListSubscriptionsRequest.SerializeToString,
+                response_deserializer=activityevents_dot_activityevents__pb2.ListSubscriptionsResponse.FromString,
+                _registered_method=True)
+        self.DeleteSubscription = channel.unary_unary(
+                '/activityevents.Subscriptions/DeleteSubscription',
+                request_serializer=activityevents_dot_activityevents__pb2.DeleteSubscriptionRequest.SerializeToString,
+                response_deserializer=activityevents_dot_activityevents__pb2.DeleteSubscriptionResponse.FromString,
+                _registered_method=True)
+        self.ListDeadLetters = channel.unary_unary(
+                '/activityevents.Subscriptions/ListDeadLetters',
+                request_serializer=activityevents_dot_activityevents__pb2.ListDeadLettersRequest.SerializeToString,
+                response_deserializer=activityevents_dot_activityevents__pb2.ListDeadLettersResponse.FromString,
+                _registered_method=True)
+        self.ReplayDeadLetters = channel.unary_unary(
+                '/activityevents.Subscriptions/ReplayDeadLetters',
+                request_serializer=activityevents_dot_activityevents__pb2.ReplayDeadLettersRequest.SerializeToString,
+                response_deserializer=activityevents_dot_activityevents__pb2.ReplayDeadLettersResponse.FromString,
+                _registered_method=True)
+
+
+class SubscriptionsServicer:
+    """Subscriptions: durable, acknowledged delivery of events to other services,
+    built on Redis Streams consumer groups. A subscription is a named consumer
+    group on one deployment (or on every deployment); its consumers split the
+    events between them, each event handled by one consumer at a time. Delivery
+    is at-least-once: an event not acknowledged within the visibility timeout
+    is delivered again (to the same or another consumer), and after
+    max_deliveries deliveries it moves to the subscription's dead letters,
+    where it can be listed and replayed. Order holds within one deployment only.
+    """
+
+    def Subscribe(self, request_iterator, context):
+        """Opens a consumer. The first client message must be `open`; it creates the
+        subscription when it does not exist yet. The server then streams events
+        (at most max_in_flight unacknowledged at a time) and the client
+        acknowledges them on the same stream with `ack` messages. A bad ack is
+        answered with an ack_errors entry; the stream stays up.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSubscriptions(self, request, context):
+        """Lists the subscriptions with their lag, pending and dead-letter counts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSubscription(self, request, context):
+        """Removes a subscription: its consumer groups and its dead letters.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDeadLetters(self, request, context):
+        """Lists a subscription's dead letters, page by page.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplayDeadLetters(self, request, context):
+        """Delivers dead letters to the subscription's consumers again (with a
+        fresh delivery count) and removes them from the dead letters.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SubscriptionsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Subscribe': grpc.stream_stream_rpc_method_handler(
+                    servicer.Subscribe,
+                    request_deserializer=activityevents_dot_activityevents__pb2.SubscribeRequest.FromString,
+                    response_serializer=activityevents_dot_activityevents__pb2.SubscribeResponse.SerializeToString,
+            ),
+            'ListSubscriptions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSubscriptions,
+                    request_deserializer=activityevents_dot_activityevents__pb2.ListSubscriptionsRequest.FromString,
+                    response_serializer=activityevents_dot_activityevents__pb2.ListSubscriptionsResponse.SerializeToString,
+            ),
+            'DeleteSubscription': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSubscription,
+                    request_deserializer=activityevents_dot_activityevents__pb2.DeleteSubscriptionRequest.FromString,
+                    response_serializer=activityevents_dot_activityevents__pb2.DeleteSubscriptionResponse.SerializeToString,
+            ),
+            'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeadLetters,
+                    request_deserializer=activityevents_dot_activityevents__pb2.ListDeadLettersRequest.FromString,
+                    response_serializer=activityevents_dot_activityevents__pb2.ListDeadLettersResponse.SerializeToString,
+            ),
+            'ReplayDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplayDeadLetters,
+                    request_deserializer=activityevents_dot_activityevents__pb2.ReplayDeadLettersRequest.FromString,
+                    response_serializer=activityevents_dot_activityevents__pb2.ReplayDeadLettersResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'activityevents.Subscriptions', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('activityevents.Subscriptions', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Subscriptions:
+    """Subscriptions: durable, acknowledged delivery of events to other services,
+    built on Redis Streams consumer groups. A subscription is a named consumer
+    group on one deployment (or on every deployment); its consumers split the
+    events between them, each event handled by one consumer at a time. Delivery
+    is at-least-once: an event not acknowledged within the visibility timeout
+    is delivered again (to the same or another consumer), and after
+    max_deliveries deliveries it moves to the subscription's dead letters,
+    where it can be listed and replayed. Order holds within one deployment only.
+    """
+
+    @staticmethod
+    def Subscribe(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/activityevents.Subscriptions/Subscribe',
+            activityevents_dot_activityevents__pb2.SubscribeRequest.SerializeToString,
+            activityevents_dot_activityevents__pb2.SubscribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSubscriptions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/activityevents.Subscriptions/ListSubscriptions',
+            activityevents_dot_activityevents__pb2.ListSubscriptionsRequest.SerializeToString,
+            activityevents_dot_activityevents__pb2.ListSubscriptionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSubscription(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/activityevents.Subscriptions/DeleteSubscription',
+            activityevents_dot_activityevents__pb2.DeleteSubscriptionRequest.SerializeToString,
+            activityevents_dot_activityevents__pb2.DeleteSubscriptionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/activityevents.Subscriptions/ListDeadLetters',
+            activityevents_dot_activityevents__pb2.ListDeadLettersRequest.SerializeToString,
+            activityevents_dot_activityevents__pb2.ListDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplayDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/activityevents.Subscriptions/ReplayDeadLetters',
+            activityevents_dot_activityevents__pb2.ReplayDeadLettersRequest.SerializeToString,
+            activityevents_dot_activityevents__pb2.ReplayDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
