@@ -50,3 +50,31 @@ def deployment_of(events_key: str | bytes) -> int:
     text = events_key.decode() if isinstance(events_key, bytes) else events_key
     start = text.index("{d:") + 3
     return int(text[start : text.index("}", start)])
+
+
+# -- durable subscriptions (consumer groups) ------------------------------------
+
+SUBSCRIPTIONS = PREFIX + ":subscriptions"
+"""Hash: subscription name -> its settings as JSON (deployment, start, timeouts).
+The consumer groups themselves live on the events streams, named after the subscription."""
+
+DEAD_LETTERS = PREFIX + ":{{d:{0}}}:dlq:{1}"
+"""Stream of one subscription's dead letters of one deployment (same slot as its events)."""
+
+REPLAYS = PREFIX + ":{{d:{0}}}:replay:{1}"
+"""Stream of dead letters queued for delivery again; read by the subscription's group."""
+
+REPLAYING = PREFIX + ":subscriptions:replaying:{0}"
+"""Set of deployment ids whose replay stream a subscription's consumers must read."""
+
+
+def dead_letters(deployment_id: int, subscription: str) -> str:
+    return DEAD_LETTERS.format(deployment_id, subscription)
+
+
+def replays(deployment_id: int, subscription: str) -> str:
+    return REPLAYS.format(deployment_id, subscription)
+
+
+def replaying(subscription: str) -> str:
+    return REPLAYING.format(subscription)
