@@ -131,9 +131,24 @@ async def _wait_redis(child: Child, url: str) -> None:
     raise SpawnError(f"redis-server did not start:\n{child.log_tail()}")
 
 
+async def _wait_listening(child: Child, host: str, port: int, deadline: float) -> None:
+    """Polls the TCP port: a gRPC channel that met a refused connection would back off ~1 s."""
+    while time.monotonic() < deadline and child.process.poll() is None:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 0.5)
+        except (OSError, TimeoutError):
+            await asyncio.sleep(_POLL_S)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
+
+
 async def _wait_serving(child: Child, target: str, *, health: bool) -> None:
     """Waits for SERVING (health) or just a connection (echo, which has no health service)."""
     deadline = time.monotonic() + _READY_TIMEOUT_S
+    host, _, port = target.rpartition(":")
+    await _wait_listening(child, host, int(port), deadline)
     async with grpc.aio.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
