@@ -18,17 +18,22 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from . import SERVICE_NAME, __version__, logs
 from .embedded import EmbeddedRedis
 from .health import HealthMonitor
+from .httpserver import MetricsServer
 from .hub import Hub
+from .interceptors import AccessLogInterceptor, GrpcMetricsInterceptor
+from .metrics import ServiceMetrics
+from .pb import activityevents_pb2 as pb
 from .servicer import ActivityEventsServicer, generic_handler
 from .settings import Settings, redact_url
 from .store import EventStore, connect
+from .tracing import TracingInterceptor, configure_tracing, instrument_redis, shutdown_tracing
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +83,28 @@ class Application:
         self.health: HealthMonitor | None = None
         self.servicer: ActivityEventsServicer | None = None
         self.server: grpc.aio.Server | None = None
+        # Observability: service metrics and the HTTP side port (/metrics, /healthz, /readyz).
+        self.metrics = ServiceMetrics(self.registry)
+        self.http: MetricsServer | None = None
+        self.metrics_port = 0
+
+    def _interceptors(self) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
+        """Metrics outermost (times everything), then the span, then the access log
+        (written inside the span, so it carries the trace id)."""
+        services = [
+            pb.DESCRIPTOR.services_by_name["ActivityEvents"],
+            health_pb2.DESCRIPTOR.services_by_name["Health"],
+            reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+        ]
+        return [
+            GrpcMetricsInterceptor(self.registry, services),
+            TracingInterceptor(),
+            AccessLogInterceptor(),
+        ]
+
+    def _ready(self) -> bool:
+        """/readyz: Redis reachable and not shutting down."""
+        return self.health is not None and self.health.serving and not self.health.shutting_down
 
     async def start(self) -> None:
         settings = self.settings
@@ -102,17 +129,27 @@ class Application:
             max_connections=1,
             socket_timeout=settings.hub_block_ms / 1000 + settings.redis_timeout_seconds + 1,
         )
+        metrics = self.metrics
+        instrument_redis(client, metrics)
+        instrument_redis(hub_client, metrics)  # its blocking reads are neither timed nor traced
         self.store = EventStore(client, settings)
         self.hub = Hub(
             hub_client,
             self.store,
             block_ms=settings.hub_block_ms,
             queue_size=settings.follower_queue,
+            on_delivery=lambda event: metrics.observe_hub_lag(event.cursor.entry_id),
         )
-        self.health = HealthMonitor(self.store)
+        hub = self.hub
+        metrics.followers.set_function(lambda: hub.follower_count)
+        self.health = HealthMonitor(
+            self.store, on_change=lambda up: metrics.redis_up.set(1 if up else 0)
+        )
         self.servicer = ActivityEventsServicer(self.store, self.hub, settings)
 
-        server = grpc.aio.server(options=server_options(settings))
+        server = grpc.aio.server(
+            interceptors=self._interceptors(), options=server_options(settings)
+        )
         server.add_generic_rpc_handlers((generic_handler(self.servicer),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         if settings.reflection:
@@ -123,6 +160,11 @@ class Application:
             raise RuntimeError(f"cannot listen on {address}")
         self.server = server
         await self.health.start()
+        self.http = MetricsServer(
+            self.registry, settings.metrics_host, settings.metrics_port, readiness=self._ready
+        )
+        await self.http.start()
+        self.metrics_port = self.http.port
         self.hub.start()
         await server.start()
         logger.info("Server has been started on %d", self.port)
@@ -140,6 +182,9 @@ class Application:
         if self.server is not None:
             await self.server.stop(grace)
             self.server = None
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
         if self.store is not None:
             await self.store.redis.aclose()
             self.store = None
@@ -159,16 +204,20 @@ async def serve(settings: Settings) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    tracer_provider = configure_tracing()
     app = Application(settings)
     try:
-        await app.start()
-    except Exception as exc:
-        logger.error("start-up failed: %s", exc)
-        await app.stop(0)
-        return 1
-    await stop.wait()
-    await app.stop()
-    return 0
+        try:
+            await app.start()
+        except Exception as exc:
+            logger.error("start-up failed: %s", exc)
+            await app.stop(0)
+            return 1
+        await stop.wait()
+        await app.stop()
+        return 0
+    finally:
+        shutdown_tracing(tracer_provider)
 
 
 def main(argv: list[str] | None = None) -> int:
