@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import platform
 import pty
 import re
 import signal
@@ -25,7 +26,12 @@ from typing import Any
 import pytest
 
 from activity_events.cli.arguments import split_command
-from activity_events.cli.connection import ROUND_ROBIN_CONFIG, build_target, channel_options
+from activity_events.cli.connection import (
+    ROUND_ROBIN_CONFIG,
+    build_target,
+    channel_options,
+    trace_metadata,
+)
 from activity_events.cli.errors import ExitCode
 from activity_events.cli.event_input import EventInputError, event_from_json, stamp_send_time
 from activity_events.cli.formatting import (
@@ -617,3 +623,311 @@ async def test_health_with_nothing_listening_exits_1_fast() -> None:
     assert result.code == ExitCode.FAILED  # never 2: Docker reserves it
     assert "cannot reach the server" in assert_one_error_line(result)
     assert time.monotonic() - started < 8
+
+
+def test_trace_context_comes_from_the_environment() -> None:
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert trace_metadata({"TRACEPARENT": parent, "TRACESTATE": "k=v"}) == [
+        ("traceparent", parent),
+        ("tracestate", "k=v"),
+    ]
+    assert trace_metadata({}) == []
+    for bad in (
+        "garbage",
+        "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+        "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+    ):
+        assert trace_metadata({"TRACEPARENT": bad, "TRACESTATE": "k=v"}) == [], bad
+
+
+# --------------------------------------------------------------------------- deployments, delete
+
+
+async def test_deployments_table_and_json(server: Any, stub: Any) -> None:
+    await create(stub, 51, 1, "first")
+    await create(stub, 51, 2, "second line\nof text")
+    await create(stub, 52, 1, "x" * 200)
+    result = await run_cli("deployments", *connect(server))
+    assert result.code == ExitCode.OK, result.err
+    header, *rows = result.out_lines
+    assert header.split() == [
+        "DEPLOYMENT",
+        "EVENTS",
+        "FIRST",
+        "EVENT",
+        "LAST",
+        "EVENT",
+        "LAST",
+        "MESSAGE",
+    ]
+    by_id = {row.split()[0]: row for row in rows}
+    assert set(by_id) == {"51", "52"}
+    # numbers are right-aligned under their headers, messages cut to one short line
+    events_end = header.index("EVENTS") + len("EVENTS")
+    assert by_id["51"][:events_end].endswith(" 2")
+    assert by_id["51"].endswith("second line…")
+    assert len(by_id["52"]) < 140
+    assert by_id["52"].endswith("…")
+
+    result = await run_cli("deployments", "--json", *connect(server))
+    infos = {item["id"]: item for item in map(json.loads, result.out_lines)}
+    assert set(infos) == {51, 52}
+    assert infos[51]["event_count"] == "2"
+    assert infos[51]["last_event"]["event"]["message"] == "second line\nof text"
+    assert infos[51]["last_event"]["cursor"].startswith("51:")
+
+
+async def test_deployments_when_there_are_none(server: Any) -> None:
+    result = await run_cli("deployments", *connect(server))
+    assert result.code == ExitCode.OK
+    assert result.out == ""
+    assert "no deployments" in result.err
+
+
+async def test_delete_refuses_without_yes_when_stdin_is_not_a_terminal(
+    server: Any, stub: Any
+) -> None:
+    await create(stub, 53, 1, "keep me")
+    result = await run_cli("delete", "--deployment", "53", *connect(server))
+    assert result.code == ExitCode.USAGE
+    assert "--yes" in assert_one_error_line(result)
+    assert len(await history(stub, 53)) == 1
+
+
+async def test_delete_with_yes(server: Any, stub: Any) -> None:
+    await create(stub, 54, 1, "a")
+    await create(stub, 54, 2, "b")
+    result = await run_cli("delete", "--deployment", "54", "--yes", *connect(server))
+    assert result.code == ExitCode.OK, result.err
+    assert result.out.strip() == "deleted deployment 54: 2 events"
+    assert await history(stub, 54) == []
+
+    result = await run_cli("delete", "--deployment", "54", "--yes", *connect(server))
+    assert result.code == ExitCode.FAILED
+    assert "NOT_FOUND" in assert_one_error_line(result)
+
+    await create(stub, 54, 1, "again")
+    result = await run_cli("delete", "-deployment=54", "-yes", "--json", *connect(server))
+    assert json.loads(result.out) == {"deployment_id": 54, "deleted_events": 1}
+
+
+async def test_delete_asks_for_confirmation_on_a_terminal(server: Any, stub: Any) -> None:
+    await create(stub, 55, 1, "a")
+    args = ("delete", "--deployment", "55", *connect(server))
+    code, out, terminal = await run_cli_with_tty(*args, tty_stdin=True, answer=b"n\n")
+    assert code == ExitCode.FAILED
+    assert "Delete deployment 55" in terminal
+    assert "aborted" in terminal
+    assert out == ""
+    assert len(await history(stub, 55)) == 1
+
+    code, out, terminal = await run_cli_with_tty(*args, tty_stdin=True, answer=b"yes\n")
+    assert code == ExitCode.OK, terminal
+    assert out.strip() == "deleted deployment 55: 1 events"
+    assert await history(stub, 55) == []
+
+
+# --------------------------------------------------------------------------- export, import
+
+
+async def test_export_import_round_trip_into_another_deployment(
+    server: Any, stub: Any, tmp_path: Path
+) -> None:
+    messages = ["plain", 'quotes " and \\ backslash', "ünïcödé\nsecond line", ""]
+    for event_id, message in enumerate(messages, start=1):
+        await create(stub, 61, event_id, message)
+    exported = await run_cli("export", "--deployment", "61", *connect(server))
+    assert exported.code == ExitCode.OK, exported.err
+    assert len(exported.out_lines) == len(messages)
+    assert "exported 4 events" in exported.err
+    path = tmp_path / "events.jsonl"
+    path.write_text(exported.out)
+
+    result = await run_cli("import", str(path), "--deployment", "62", *connect(server))
+    assert result.code == ExitCode.OK, result.err
+    assert result.out.strip() == f"{path}: 4 created, 0 duplicates, 0 conflicts, 0 invalid"
+    assert "\r" not in result.err  # no progress bar when stderr is a pipe
+    assert "%" not in result.err
+
+    source, copy = await history(stub, 61), await history(stub, 62)
+    assert [(e.id, e.message, e.timestamp.send) for e in copy] == [
+        (e.id, e.message, e.timestamp.send) for e in source
+    ]
+    assert {e.deployment_id for e in copy} == {62}
+
+    # idempotent: the same file again stores nothing new, and says so
+    result = await run_cli("import", str(path), "--deployment", "62", *connect(server))
+    assert result.code == ExitCode.OK
+    assert "0 created, 4 duplicates" in result.out
+    assert len(await history(stub, 62)) == 4
+
+    # --after resumes after a cursor of the exported file
+    first_cursor = json.loads(exported.out_lines[0])["cursor"]
+    resumed = await run_cli(
+        "export", "--deployment", "61", "--after", first_cursor, *connect(server)
+    )
+    assert resumed.out_lines == exported.out_lines[1:]
+
+
+async def test_import_from_stdin_in_batches(server: Any, stub: Any) -> None:
+    lines = [
+        json.dumps({"id": n, "deployment_id": 63, "message": f"event {n}"}) for n in range(1, 251)
+    ]
+    data = ("\n".join(lines) + "\n").encode()
+    result = await run_cli(
+        "import", "-", "--batch-size", "100", "--json", *connect(server), stdin=data
+    )
+    assert result.code == ExitCode.OK, result.err
+    summary = json.loads(result.out)
+    assert (summary["created"], summary["duplicates"]) == (250, 0)
+    stored = await history(stub, 63)
+    assert [e.id for e in stored] == list(range(1, 251))
+
+
+async def test_import_reports_rejected_lines(server: Any, stub: Any, tmp_path: Path) -> None:
+    await create(stub, 64, 1, "original")
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(
+        "\n".join(
+            [
+                '{"id": 1, "deployment_id": 64, "message": "different"}',  # 1: conflict
+                '{"id": 2, "deployment_id": 64, "message": "fine"}',  # 2: created
+                "",  # 3: blank, skipped
+                "{not json",  # 4: invalid (client side)
+                '{"id": 3, "deployment_id": 0, "message": "no deployment"}',  # 5: invalid (server)
+                '{"id": 1, "deployment_id": 64, "message": "original"}',  # 6: duplicate
+            ]
+        )
+        + "\n"
+    )
+    result = await run_cli("import", str(path), *connect(server))
+    assert result.code == ExitCode.FAILED
+    assert result.out.strip() == (
+        f"{path}: 1 created, 1 duplicates, 1 conflicts, 2 invalid; "
+        "conflicts at lines 1; invalid at lines 4, 5"
+    )
+    assert "line 1: conflict:" in result.err
+    assert "line 5: invalid: deployment_id" in result.err
+    assert "Traceback" not in result.err
+
+    result = await run_cli("import", str(path), "--json", *connect(server))
+    summary = json.loads(result.out)
+    assert [item["line"] for item in summary["invalid"]] == [4, 5]
+    assert [item["line"] for item in summary["conflicts"]] == [1]
+
+
+async def test_import_shows_a_progress_bar_on_a_terminal(server: Any, tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"id": n, "deployment_id": 65, "message": "m"}) + "\n" for n in range(1, 51)
+        )
+    )
+    code, out, terminal = await run_cli_with_tty("import", str(path), *connect(server))
+    assert code == ExitCode.OK, terminal
+    assert "\rimport [" in terminal
+    assert "100% 50 events" in terminal
+    assert out.strip().endswith("50 created, 0 duplicates, 0 conflicts, 0 invalid")
+
+    code, out, terminal = await run_cli_with_tty(
+        "import", str(path), "--no-progress", *connect(server)
+    )
+    assert code == ExitCode.OK
+    assert "import [" not in terminal
+    assert "0 created, 50 duplicates" in out
+
+
+async def test_import_of_a_missing_file_exits_2(server: Any, tmp_path: Path) -> None:
+    result = await run_cli("import", str(tmp_path / "nope.jsonl"), *connect(server))
+    assert result.code == ExitCode.USAGE
+    assert "cannot read" in assert_one_error_line(result)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["deployments"], ["delete", "--deployment", "1", "--yes"], ["export", "--deployment", "1"]],
+)
+async def test_admin_commands_exit_3_when_unreachable(command: list[str]) -> None:
+    result = await run_cli(*command, "-port", str(free_port()), "--timeout", "1")
+    assert result.code == ExitCode.UNAVAILABLE
+    assert assert_one_error_line(result).startswith("error: cannot reach the server")
+
+
+#: Number of the read(2) system call, by machine.
+READ_SYSCALL = {"x86_64": 0, "aarch64": 63}
+
+
+def blocked_reading_stdin(pid: int) -> bool:
+    """Whether the process's main thread sits in read(0, ...): start-up is over."""
+    number = READ_SYSCALL.get(platform.machine())
+    if number is None:
+        pytest.skip("read(2) number unknown on this machine")
+    fields = Path(f"/proc/{pid}/syscall").read_text().split()
+    return len(fields) > 1 and fields[0] == str(number) and int(fields[1], 16) == 0
+
+
+async def test_ctrl_c_outside_follow_exits_130(server: Any) -> None:
+    process = await asyncio.create_subprocess_exec(
+        *CLI,
+        "import",
+        "-",
+        *connect(server),
+        stdin=subprocess.PIPE,  # kept open: the import waits for input
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=child_env(),
+    )
+    assert process.stderr is not None
+    try:
+        for _ in range(400):
+            if blocked_reading_stdin(process.pid):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the import never started reading standard input")
+        process.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(process.wait(), 10)
+        err = (await asyncio.wait_for(process.stderr.read(), 5)).decode()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert code == ExitCode.INTERRUPTED
+    assert err.strip() == "error: interrupted"
+
+
+async def test_export_into_a_closed_pipe_exits_141_quietly(server: Any, stub: Any) -> None:
+    request = pb.CreateEventsRequest(
+        events=[pb.EventRequest(id=n, deployment_id=66, message="m" * 500) for n in range(1, 1001)]
+    )
+    await stub.CreateEvents(request, timeout=30)
+    read_end, write_end = os.pipe()
+    process = await asyncio.create_subprocess_exec(
+        *CLI,
+        "export",
+        "--deployment",
+        "66",
+        *connect(server),
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        env=child_env(),
+    )
+    os.close(write_end)
+    try:
+        first = await asyncio.wait_for(asyncio.to_thread(os.read, read_end, 100), 10)
+        assert first.startswith(b'{"id":1')
+        os.close(read_end)
+        read_end = -1
+        code = await asyncio.wait_for(process.wait(), 20)
+        assert process.stderr is not None
+        err = (await asyncio.wait_for(process.stderr.read(), 5)).decode()
+    finally:
+        if read_end >= 0:
+            os.close(read_end)
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert code == ExitCode.BROKEN_PIPE
+    assert err == ""

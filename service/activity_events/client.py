@@ -11,10 +11,20 @@ lives in :mod:`activity_events.cli`; this module is the stable entry point
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
-from activity_events.cli.app import main
+#: Exit code of a Ctrl-C (128 + SIGINT), see activity_events.cli.errors.ExitCode.
+INTERRUPTED = 130
 
-__all__ = ["main"]
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the client; Ctrl-C while its modules load still exits 130 without a traceback."""
+    try:
+        from activity_events.cli.app import main as run  # noqa: PLC0415
+    except KeyboardInterrupt:
+        return INTERRUPTED
+    return run(argv)
+
 
 if __name__ == "__main__":
     sys.exit(main())

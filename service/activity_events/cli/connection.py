@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+import os
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -120,10 +122,33 @@ class Connection:
             ) from None
 
     def metadata(self) -> Sequence[tuple[str, str]]:
-        """Metadata sent with every call (trace context now; credentials later)."""
+        """Metadata sent with every call: trace context now, credentials later."""
         return trace_metadata()
 
 
-def trace_metadata() -> list[tuple[str, str]]:
-    """W3C trace context of the current span, when the service's tracing helper exists."""
-    return []
+#: W3C Trace Context ``traceparent``: version-trace_id-parent_id-flags, lower-case hex.
+TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+
+def trace_metadata(environ: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+    """W3C trace context taken from the ``TRACEPARENT``/``TRACESTATE`` environment variables.
+
+    This is OpenTelemetry's convention for handing a trace to a command-line
+    tool (a CI job or a deploy script sets them): the server's span of every
+    call then joins that trace. The client records no spans of its own and
+    does not import the OpenTelemetry SDK, which would cost its fast start.
+    An invalid ``traceparent`` is ignored, as the W3C rules require.
+    """
+    env = os.environ if environ is None else environ
+    parent = env.get("TRACEPARENT", "").strip()
+    match = TRACEPARENT.match(parent)
+    if not match:
+        return []
+    version, trace_id, parent_id, _ = match.groups()
+    if version == "ff" or set(trace_id) == {"0"} or set(parent_id) == {"0"}:
+        return []
+    metadata = [("traceparent", parent)]
+    state = env.get("TRACESTATE", "").strip()
+    if state:
+        metadata.append(("tracestate", state))
+    return metadata
