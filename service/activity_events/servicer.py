@@ -120,7 +120,7 @@ class ActivityEventsServicer:
         async with self._call(context, limit=self.unary_limit):
             new = validate_new(request, max_message_bytes=self._settings.max_message_bytes)
             receive = time.time_ns()
-            (result,) = await self._store.append([new], receive)
+            result = await self._store.append_one(new, receive)
             _raise_for(result, request.deployment_id, request.id)
             return pb.EventResponse(
                 id=result.event_id,

@@ -36,6 +36,9 @@ T = TypeVar("T")
 SCRIPT_CHUNK = 200
 """Most events one append script call handles, so no single call blocks Redis for long."""
 
+COALESCE_MAX = 512
+"""Most concurrent unary creates sent to Redis in one round trip."""
+
 MERGE_PAGE_FLOOR = 16
 """Smallest per-deployment page when merging many deployments into one ordered stream."""
 
@@ -149,6 +152,11 @@ class EventStore:
         self._timeout = settings.redis_timeout_seconds
         self._append = LuaScript("append.lua")
         self._delete = LuaScript("delete.lua")
+        self._pending: list[tuple[NewEvent, int, asyncio.Future[AppendResult]]] = []
+        self._flush_scheduled = False
+        self._flushes: set[asyncio.Task[None]] = set()
+        self._indexed: set[int] = set()
+        """Deployments this process has put into the index (saves a ZADD per create)."""
         self.on_failure: Callable[[], None] | None = None
         """Called when Redis was unreachable, so health can react before its next probe."""
 
@@ -184,11 +192,50 @@ class EventStore:
         Events of one deployment go through the append script together, in
         order; all deployments of the batch share one pipelined round trip.
         """
-        return await self._bounded(self._append_all(events, receive_ns))
+        return await self._bounded(self._append_all([(e, receive_ns) for e in events]))
 
-    async def _append_all(self, events: Sequence[NewEvent], receive_ns: int) -> list[AppendResult]:
+    async def append_one(self, event: NewEvent, receive_ns: int) -> AppendResult:
+        """Store one event, coalesced with the other events appended during the
+        same event-loop turn into one pipelined round trip (and one script call
+        per deployment). Concurrent unary creates thereby cost Redis and Python
+        about what one batch does; a lone create is sent right away."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[AppendResult] = loop.create_future()
+        self._pending.append((event, receive_ns, future))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._start_flush)
+        return await future
+
+    def _start_flush(self) -> None:
+        self._flush_scheduled = False
+        while self._pending:
+            batch, self._pending = self._pending[:COALESCE_MAX], self._pending[COALESCE_MAX:]
+            task = asyncio.create_task(self._flush(batch))
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
+
+    async def _flush(self, batch: list[tuple[NewEvent, int, asyncio.Future[AppendResult]]]) -> None:
+        live = [(event, receive) for event, receive, future in batch if not future.done()]
+        futures = [future for *_, future in batch if not future.done()]
+        if not live:
+            return
+        try:
+            results = await self._bounded(self._append_all(live))
+        except BaseException as error:  # handed to every waiting caller
+            for future in futures:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(error, Exception):
+                raise
+            return
+        for future, result in zip(futures, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+    async def _append_all(self, items: Sequence[tuple[NewEvent, int]]) -> list[AppendResult]:
         groups: dict[int, list[int]] = {}
-        for index, event in enumerate(events):
+        for index, (event, _) in enumerate(items):
             groups.setdefault(event.deployment_id, []).append(index)
         calls: list[tuple[int, list[int]]] = []
         for deployment_id, indexes in groups.items():
@@ -200,13 +247,13 @@ class EventStore:
         for _, indexes in calls:
             args: list[Any] = [*retention, len(indexes)]
             for i in indexes:
-                event = events[i]
+                event, receive_ns = items[i]
                 args += [event.event_id, event.digest(), event.payload_without_id(receive_ns)]
             argv.append(args)
 
         replies = await self._run_appends(calls, argv)
 
-        results: list[AppendResult | None] = [None] * len(events)
+        results: list[AppendResult | None] = [None] * len(items)
         fresh: list[int] = []
         for (deployment_id, indexes), reply in zip(calls, replies, strict=True):
             if reply[-1] == 1:
@@ -216,6 +263,7 @@ class EventStore:
                 outcome = _CODES[int(code)]
                 cursor = Cursor.from_entry(deployment_id, entry) if entry else None
                 results[i] = AppendResult(outcome, int(event_id) if event_id else 0, cursor)
+        self._indexed.update(groups)
         if fresh:
             await self._announce(fresh)
         return [r for r in results if r is not None]
@@ -234,13 +282,19 @@ class EventStore:
         pending = list(range(len(calls)))
         for attempt in range(2):
             pipe = self._redis.pipeline(transaction=False)
-            deployments = {calls[i][0] for i in pending}
-            pipe.zadd(keys.DEPLOYMENTS, {str(d): d for d in deployments})
+            # Index deployments this process has not written yet. Fresh ones
+            # (first event, or first after a delete) are indexed again by
+            # _announce, so a stale entry here never loses a deployment.
+            unindexed = {calls[i][0] for i in pending} - self._indexed
+            if unindexed:
+                pipe.zadd(keys.DEPLOYMENTS, {str(d): d for d in unindexed})
             for i in pending:
                 pipe.evalsha(self._append.sha, 3, *keys.deployment_keys(calls[i][0]), *argv[i])
             out = await pipe.execute(raise_on_error=False)
+            if unindexed:
+                out = out[1:]
             missing = []
-            for i, reply in zip(pending, out[1:], strict=True):
+            for i, reply in zip(pending, out, strict=True):
                 if isinstance(reply, rexc.NoScriptError):
                     missing.append(i)
                 elif isinstance(reply, Exception):
@@ -267,6 +321,7 @@ class EventStore:
         """Remove a deployment; the number of events removed. NotFound if unknown."""
 
         async def work() -> int:
+            self._indexed.discard(deployment_id)
             await self._redis.zrem(keys.DEPLOYMENTS, str(deployment_id))
             return int(await self._delete(self._redis, keys.deployment_keys(deployment_id), []))
 
