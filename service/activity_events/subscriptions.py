@@ -1,0 +1,699 @@
+"""Durable subscriptions: Redis Streams consumer groups, the store side.
+
+A subscription is a consumer group named after it on every events stream it
+covers: one deployment's stream, or, for "all deployments", each deployment's
+stream (each its own slot on Redis Cluster, so no command ever spans two
+deployments). Its settings live in the registry hash ``ae:subscriptions``.
+
+- Groups are created eagerly for the deployments known when the subscription
+  is created, and lazily (on NOGROUP) for deployments that appear later. A
+  lazily created group starts at the subscription's *floor* translated to that
+  stream, so "now" means the Redis clock at creation, on every deployment.
+- New events: non-blocking XREADGROUP ``>`` (the caller decides when, from
+  hub notifications and a bounded sweep interval); no connection is held.
+- Redelivery: ``subscription_claim.lua`` takes over events idle longer than
+  the visibility timeout (XPENDING IDLE + XCLAIM, which counts deliveries),
+  and moves those already delivered ``max_deliveries`` times to the dead-letter
+  stream ``ae:{d:N}:dlq:<name>`` instead, acknowledging them.
+- Replay: ``subscription_replay.lua`` moves dead letters to a per-deployment
+  replay stream ``ae:{d:N}:replay:<name>`` that the same group reads; its
+  entries are deleted once acknowledged or dead-lettered again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+from collections.abc import Awaitable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from redis import exceptions as rexc
+
+from . import keys
+from .errors import InvalidArgument, NotFound, StoreUnavailable
+from .events import Cursor, StoredEvent
+from .settings import Settings
+from .store import REDIS_DOWN, EventStore, LuaScript
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+ALL = 0
+"""Deployment id meaning "every deployment"."""
+
+DEFAULT_VISIBILITY_MS = 30_000
+DEFAULT_MAX_DELIVERIES = 5
+MAX_VISIBILITY_MS = 12 * 3600 * 1000
+"""Longest visibility timeout accepted: half a day, beyond which a lost consumer's
+events would wait unreasonably long."""
+MAX_DELIVERIES_LIMIT = 1000
+
+DEAD_LETTER_MAX_LEN = 100_000
+"""Dead letters kept per subscription and deployment (approximately); the oldest
+go first. Generous: dead letters are meant to be looked at and replayed."""
+
+CHUNK = 200
+"""Streams per pipelined round trip, so one round trip never carries thousands
+of commands when a subscription spans many deployments."""
+
+LAG_SCAN = 1000
+"""When Redis cannot tell a group's lag (XINFO GROUPS answers nil), the entries
+after its last delivered id are counted, up to this many."""
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+"""Subscription and consumer names: they become parts of Redis keys, so no
+braces (hash tags), colons or spaces."""
+
+MAX_SEQ = 2**64 - 1
+
+
+def validate_name(value: str, field: str) -> str:
+    if not NAME.match(value):
+        raise InvalidArgument(
+            field, f"{value[:64]!r} is not a valid name (1-128 of A-Z a-z 0-9 . _ -)"
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionConfig:
+    """A subscription's settings, as stored in the registry.
+
+    ``floor_*`` is the start position: events whose cursor orders after
+    ``Cursor(floor_deployment, floor_ms, floor_seq)`` are delivered (all events
+    when ``floor_ms`` is -1).
+    """
+
+    name: str
+    deployment_id: int
+    visibility_ms: int
+    max_deliveries: int
+    created_ms: int
+    floor_deployment: int = 0
+    floor_ms: int = -1
+    floor_seq: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> SubscriptionConfig:
+        return cls(**json.loads(raw))
+
+    def group_start(self, deployment_id: int) -> str:
+        """Last-delivered id a new group on ``deployment_id``'s stream starts at,
+        so that it delivers exactly the events after the floor."""
+        if self.floor_ms < 0:
+            return "0"
+        ms, seq = self.floor_ms, self.floor_seq
+        if deployment_id > self.floor_deployment:
+            # Entries with the floor's own id come after it: start just before.
+            if seq > 0:
+                return f"{ms}-{seq - 1}"
+            return f"{ms - 1}-{MAX_SEQ}" if ms > 0 else "0"
+        return f"{ms}-{seq}"
+
+
+@dataclass(slots=True)
+class Delivered:
+    """An event handed to a consumer: the event (original cursor), its delivery
+    count, and where it is pending (stream key and entry id), for the ack."""
+
+    event: StoredEvent
+    count: int
+    source: str
+    entry: bytes
+
+    @property
+    def replayed(self) -> bool:
+        return self.source != keys.events(self.event.cursor.deployment_id)
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionStats:
+    lag: int
+    pending: int
+    dead_letters: int
+    consumers: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    id: Cursor
+    """Position in the dead-letter stream (deployment and entry id)."""
+    event: StoredEvent
+    deliveries: int
+    consumer: str
+    time_ms: int
+
+
+class SubscriptionMetrics:
+    """Per-subscription metrics (prefix ``activity_subscription_``) on the given registry.
+
+    Counters count what this replica did; gauges are refreshed from Redis by
+    whichever replica last looked, so dashboards take ``max`` across replicas.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        label = ["subscription"]
+        self.delivered = Counter(
+            "activity_subscription_delivered_total",
+            "Events delivered to consumers (first deliveries and redeliveries).",
+            label,
+            registry=registry,
+        )
+        self.acknowledged = Counter(
+            "activity_subscription_acknowledged_total",
+            "Events acknowledged by consumers.",
+            label,
+            registry=registry,
+        )
+        self.redeliveries = Counter(
+            "activity_subscription_redeliveries_total",
+            "Events delivered again after their visibility timeout expired.",
+            label,
+            registry=registry,
+        )
+        self.dead_lettered = Counter(
+            "activity_subscription_dead_lettered_total",
+            "Events moved to the dead letters after max_deliveries deliveries.",
+            label,
+            registry=registry,
+        )
+        self.lag = Gauge(
+            "activity_subscription_lag",
+            "Events stored but not yet delivered to any consumer of the subscription.",
+            label,
+            registry=registry,
+        )
+        self.pending = Gauge(
+            "activity_subscription_pending",
+            "Events delivered and not yet acknowledged.",
+            label,
+            registry=registry,
+        )
+        self.dead_letters = Gauge(
+            "activity_subscription_dead_letters",
+            "Events currently in the subscription's dead letters.",
+            label,
+            registry=registry,
+        )
+        self.consumers = Gauge(
+            "activity_subscription_consumers",
+            "Consumers of the subscription connected to this replica.",
+            label,
+            registry=registry,
+        )
+
+    def observe(self, name: str, stats: SubscriptionStats) -> None:
+        self.lag.labels(name).set(stats.lag)
+        self.pending.labels(name).set(stats.pending)
+        self.dead_letters.labels(name).set(stats.dead_letters)
+
+    def forget(self, name: str) -> None:
+        """Drop a deleted subscription's series."""
+        for metric in (
+            self.delivered,
+            self.acknowledged,
+            self.redeliveries,
+            self.dead_lettered,
+            self.lag,
+            self.pending,
+            self.dead_letters,
+            self.consumers,
+        ):
+            with contextlib.suppress(KeyError):
+                metric.remove(name)
+
+
+def _is(error: object, code: str) -> bool:
+    return isinstance(error, rexc.ResponseError) and str(error).startswith(code)
+
+
+class SubscriptionStore:
+    """Consumer-group operations; see the module docstring. Every public call is
+    bounded by ``redis_timeout_seconds`` (StoreUnavailable past it)."""
+
+    def __init__(self, store: EventStore, settings: Settings, metrics: SubscriptionMetrics) -> None:
+        self._store = store
+        self._redis = store.redis
+        self.metrics = metrics
+        self._timeout = settings.redis_timeout_seconds
+        self._claim = LuaScript("subscription_claim.lua")
+        self._replay = LuaScript("subscription_replay.lua")
+
+    async def _bounded(self, work: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await work
+        except REDIS_DOWN as exc:
+            if self._store.on_failure is not None:
+                self._store.on_failure()
+            raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}") from None
+        except rexc.ResponseError as exc:
+            text = str(exc).split("\n", 1)[0][:200]
+            raise StoreUnavailable(f"redis refused the command: {text}") from None
+
+    # -- registry ----------------------------------------------------------------
+
+    async def get(self, name: str) -> SubscriptionConfig | None:
+        raw = await self._bounded(self._redis.hget(keys.SUBSCRIPTIONS, name))
+        return None if raw is None else SubscriptionConfig.from_json(raw)
+
+    async def all(self) -> list[SubscriptionConfig]:
+        rows: Any = await self._bounded(self._redis.hgetall(keys.SUBSCRIPTIONS))
+        configs = [SubscriptionConfig.from_json(raw) for raw in rows.values()]
+        return sorted(configs, key=lambda c: c.name)
+
+    async def open(
+        self,
+        name: str,
+        deployment_id: int,
+        *,
+        start: str,
+        start_cursor: Cursor | None,
+        visibility_ms: int,
+        max_deliveries: int,
+    ) -> SubscriptionConfig:
+        """The subscription ``name``, created when missing.
+
+        ``start`` ("beginning", "now", "cursor") only matters at creation.
+        Non-zero ``visibility_ms``/``max_deliveries`` update an existing one.
+        """
+        config = await self.get(name)
+        if config is None:
+            config = await self._create(
+                name,
+                deployment_id,
+                start=start,
+                start_cursor=start_cursor,
+                visibility_ms=visibility_ms,
+                max_deliveries=max_deliveries,
+            )
+        if config.deployment_id != deployment_id:
+            where = (
+                "all deployments"
+                if config.deployment_id == ALL
+                else f"deployment {config.deployment_id}"
+            )
+            raise InvalidArgument(
+                "deployment_id", f"subscription {name!r} exists on {where}, not {deployment_id}"
+            )
+        changes: dict[str, int] = {}
+        if visibility_ms and visibility_ms != config.visibility_ms:
+            changes["visibility_ms"] = visibility_ms
+        if max_deliveries and max_deliveries != config.max_deliveries:
+            changes["max_deliveries"] = max_deliveries
+        if changes:
+            values = asdict(config) | changes
+            config = SubscriptionConfig(**values)
+            await self._bounded(self._redis.hset(keys.SUBSCRIPTIONS, name, config.to_json()))
+            logger.info("subscription %s updated: %s", name, changes)
+        return config
+
+    async def _create(
+        self,
+        name: str,
+        deployment_id: int,
+        *,
+        start: str,
+        start_cursor: Cursor | None,
+        visibility_ms: int,
+        max_deliveries: int,
+    ) -> SubscriptionConfig:
+        seconds, micros = await self._bounded(self._redis.time())
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        floor = (0, -1, 0)
+        if start == "now":
+            floor = (0, now_ms, 0)
+        elif start == "cursor" and start_cursor is not None:
+            floor = (start_cursor.deployment_id, start_cursor.ms, start_cursor.seq)
+        config = SubscriptionConfig(
+            name=name,
+            deployment_id=deployment_id,
+            visibility_ms=visibility_ms or DEFAULT_VISIBILITY_MS,
+            max_deliveries=max_deliveries or DEFAULT_MAX_DELIVERIES,
+            created_ms=now_ms,
+            floor_deployment=floor[0],
+            floor_ms=floor[1],
+            floor_seq=floor[2],
+        )
+        created = await self._bounded(
+            self._redis.hsetnx(keys.SUBSCRIPTIONS, name, config.to_json())
+        )
+        if not created:  # another consumer created it first: theirs wins
+            winner = await self.get(name)
+            if winner is not None:
+                return winner
+        await self.ensure_groups(config, await self.deployments(config))
+        logger.info("subscription %s created on deployment %d", name, deployment_id)
+        return config
+
+    async def deployments(self, config: SubscriptionConfig) -> list[int]:
+        """The deployments a subscription covers now."""
+        if config.deployment_id != ALL:
+            return [config.deployment_id]
+        return await self._store.deployment_ids()
+
+    async def ensure_groups(
+        self, config: SubscriptionConfig, deployment_ids: Sequence[int]
+    ) -> None:
+        """Create the subscription's group on these deployments' streams (existing ones stay)."""
+        for start in range(0, len(deployment_ids), CHUNK):
+            pipe = self._redis.pipeline(transaction=False)
+            for d in deployment_ids[start : start + CHUNK]:
+                pipe.xgroup_create(
+                    keys.events(d), config.name, config.group_start(d), mkstream=True
+                )
+            replies = await self._bounded(pipe.execute(raise_on_error=False))
+            for reply in replies:
+                if isinstance(reply, Exception) and not _is(reply, "BUSYGROUP"):
+                    raise StoreUnavailable(f"cannot create consumer group: {reply}")
+
+    async def replaying(self, config: SubscriptionConfig) -> list[int]:
+        """Deployments whose replay stream the subscription's consumers read."""
+        rows: Any = await self._bounded(self._redis.smembers(keys.replaying(config.name)))
+        return sorted(int(r) for r in rows)
+
+    # -- delivery ----------------------------------------------------------------
+
+    async def read_new(
+        self, config: SubscriptionConfig, consumer: str, sources: Sequence[str], count: int
+    ) -> tuple[list[Delivered], set[str]]:
+        """Events never delivered to the group, from these stream keys, at most
+        ``count`` in total. Also answers the sources that may hold more."""
+        if count <= 0 or not sources:
+            return [], set(sources)
+        cut = min(len(sources), count, CHUNK)
+        later = set(sources[cut:])
+        sources = list(sources[:cut])
+        each = count // len(sources)
+        pipe = self._redis.pipeline(transaction=False)
+        for key in sources:
+            pipe.xreadgroup(config.name, consumer, {key: ">"}, count=each)
+        replies = await self._bounded(pipe.execute(raise_on_error=False))
+        out: list[Delivered] = []
+        more: set[str] = later
+        missing: list[int] = []
+        for key, reply in zip(sources, replies, strict=True):
+            if isinstance(reply, Exception):
+                if _is(reply, "NOGROUP"):
+                    if key == keys.events(keys.deployment_of(key)):
+                        missing.append(keys.deployment_of(key))
+                    more.add(key)
+                    continue
+                raise StoreUnavailable(f"redis refused XREADGROUP: {reply}")
+            rows = reply[0][1] if reply else []
+            if len(rows) >= each:
+                more.add(key)
+            d = keys.deployment_of(key)
+            replay = key != keys.events(d)
+            for entry, fields in rows:
+                if not fields:  # deleted while pending
+                    continue
+                origin = fields.get(b"c", entry) if replay else entry
+                cursor = Cursor.from_entry(d, origin)
+                event = StoredEvent(cursor, fields.get(keys.EVENT_FIELD, b""))
+                out.append(Delivered(event, 1, key, entry))
+        if missing:
+            if await self.get(config.name) is None:
+                raise NotFound(f"subscription {config.name!r} was deleted")
+            await self.ensure_groups(config, missing)
+        if out:
+            self.metrics.delivered.labels(config.name).inc(len(out))
+        return out, more
+
+    async def claim_expired(
+        self, config: SubscriptionConfig, consumer: str, sources: Sequence[str], count: int
+    ) -> list[Delivered]:
+        """Events of these streams whose visibility timeout expired, taken over by
+        ``consumer`` (at most ``count``); those delivered ``max_deliveries`` times
+        are dead-lettered instead."""
+        out: list[Delivered] = []
+        sources = list(sources)
+        for start in range(0, len(sources), CHUNK):
+            if count - len(out) <= 0:
+                break
+            chunk = sources[start : start + CHUNK]
+            want = count - len(out)
+            replies = await self._bounded(self._run_claims(config, consumer, chunk, want))
+            dead = 0
+            for key, reply in zip(chunk, replies, strict=True):
+                if isinstance(reply, Exception):
+                    if _is(reply, "NOGROUP"):
+                        continue
+                    raise StoreUnavailable(f"redis refused the claim script: {reply}")
+                dead += int(reply[0])
+                d = keys.deployment_of(key)
+                for i in range(1, len(reply), 4):
+                    entry, payload, origin, deliveries = reply[i : i + 4]
+                    event = StoredEvent(Cursor.from_entry(d, origin), payload)
+                    out.append(Delivered(event, int(deliveries), key, entry))
+            if dead:
+                self.metrics.dead_lettered.labels(config.name).inc(dead)
+                logger.info("subscription %s: %d events dead-lettered", config.name, dead)
+        if out:
+            self.metrics.redeliveries.labels(config.name).inc(len(out))
+            self.metrics.delivered.labels(config.name).inc(len(out))
+        return out
+
+    async def _run_claims(
+        self, config: SubscriptionConfig, consumer: str, sources: Sequence[str], want: int
+    ) -> list[Any]:
+        def args(key: str) -> list[Any]:
+            d = keys.deployment_of(key)
+            replay = "0" if key == keys.events(d) else "1"
+            return [
+                2,
+                key,
+                keys.dead_letters(d, config.name),
+                config.name,
+                consumer,
+                config.visibility_ms,
+                want,
+                config.max_deliveries,
+                replay,
+                DEAD_LETTER_MAX_LEN,
+            ]
+
+        for attempt in range(2):
+            pipe = self._redis.pipeline(transaction=False)
+            for key in sources:
+                pipe.evalsha(self._claim.sha, *args(key))
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            if not any(isinstance(r, rexc.NoScriptError) for r in replies):
+                return replies
+            if attempt == 0:
+                await self._redis.script_load(self._claim.source)
+        raise StoreUnavailable("subscription claim script could not be loaded")
+
+    async def ack(self, config: SubscriptionConfig, delivered: Iterable[Delivered]) -> int:
+        """Acknowledge delivered events (replayed ones are also deleted from
+        their replay stream). Answers how many were still pending."""
+        by_source: dict[str, list[bytes]] = {}
+        for item in delivered:
+            by_source.setdefault(item.source, []).append(item.entry)
+        if not by_source:
+            return 0
+        pipe = self._redis.pipeline(transaction=False)
+        for source, entries in by_source.items():
+            pipe.xack(source, config.name, *entries)
+            if source != keys.events(keys.deployment_of(source)):
+                pipe.xdel(source, *entries)
+        replies = await self._bounded(pipe.execute(raise_on_error=False))
+        acked = 0
+        reply_iter = iter(replies)
+        for source in by_source:
+            reply = next(reply_iter)
+            if source != keys.events(keys.deployment_of(source)):
+                next(reply_iter)
+            if isinstance(reply, Exception):
+                if _is(reply, "NOGROUP"):
+                    continue
+                raise StoreUnavailable(f"redis refused XACK: {reply}")
+            acked += int(reply)
+        if acked:
+            self.metrics.acknowledged.labels(config.name).inc(acked)
+        return acked
+
+    # -- management --------------------------------------------------------------
+
+    async def stats(self, config: SubscriptionConfig) -> SubscriptionStats:
+        """Lag, pending, dead letters and consumers summed over the subscription's streams."""
+        deployments = await self.deployments(config)
+        replaying = set(await self.replaying(config))
+        lag = pending = dead = 0
+        consumers: set[bytes] = set()
+        for start in range(0, len(deployments), CHUNK):
+            chunk = deployments[start : start + CHUNK]
+            pipe = self._redis.pipeline(transaction=False)
+            for d in chunk:
+                pipe.xinfo_groups(keys.events(d))
+                pipe.xlen(keys.dead_letters(d, config.name))
+                if d in replaying:
+                    pipe.xinfo_groups(keys.replays(d, config.name))
+                    pipe.xlen(keys.replays(d, config.name))
+            replies = iter(await self._bounded(pipe.execute(raise_on_error=False)))
+            for d in chunk:
+                groups = next(replies)
+                dead += _int(next(replies))
+                group = _group(groups, config.name)
+                if group is not None:
+                    pending += int(group["pending"])
+                    lag += await self._lag(keys.events(d), group)
+                    if int(group["consumers"]):
+                        consumers |= await self._consumer_names(keys.events(d), config.name)
+                elif d != config.deployment_id and config.deployment_id == ALL:
+                    # A deployment the subscription has not touched yet.
+                    lag += _int(await self._bounded(self._redis.xlen(keys.events(d))))
+                if d in replaying:
+                    replay_group = _group(next(replies), config.name)
+                    length = _int(next(replies))
+                    if replay_group is not None:
+                        replay_pending = int(replay_group["pending"])
+                        pending += replay_pending
+                        lag += max(0, length - replay_pending)
+        return SubscriptionStats(lag, pending, dead, len(consumers))
+
+    async def _lag(self, key: str, group: dict[str, Any]) -> int:
+        if group.get("lag") is not None:
+            return int(group["lag"])
+        last = group["last-delivered-id"]
+        last = last.decode() if isinstance(last, bytes) else str(last)
+        rows: Any = await self._bounded(self._redis.xrange(key, "(" + last, "+", count=LAG_SCAN))
+        return len(rows)
+
+    async def _consumer_names(self, key: str, group: str) -> set[bytes]:
+        rows: Any = await self._bounded(self._redis.xinfo_consumers(key, group))
+        return {
+            r["name"] if isinstance(r["name"], bytes) else str(r["name"]).encode() for r in rows
+        }
+
+    async def delete(self, name: str) -> int:
+        """Remove a subscription, its groups, replay streams and dead letters.
+        Answers the number of dead letters removed. NotFound when unknown."""
+        config = await self.get(name)
+        if config is None:
+            raise NotFound(f"subscription {name!r} does not exist")
+        removed = await self._bounded(self._redis.hdel(keys.SUBSCRIPTIONS, name))
+        if not removed:
+            raise NotFound(f"subscription {name!r} does not exist")
+        deployments = sorted(
+            set(await self.deployments(config)) | set(await self.replaying(config))
+        )
+        dead = 0
+        for start in range(0, len(deployments), CHUNK):
+            chunk = deployments[start : start + CHUNK]
+            pipe = self._redis.pipeline(transaction=False)
+            for d in chunk:
+                pipe.xlen(keys.dead_letters(d, name))
+                pipe.xgroup_destroy(keys.events(d), name)
+                pipe.delete(keys.dead_letters(d, name), keys.replays(d, name))
+            replies = await self._bounded(pipe.execute(raise_on_error=False))
+            dead += sum(_int(r) for r in replies[0::3])
+        await self._bounded(self._redis.delete(keys.replaying(name)))
+        self.metrics.forget(name)
+        logger.info("subscription %s deleted with %d dead letters", name, dead)
+        return dead
+
+    async def dead_letters(
+        self, config: SubscriptionConfig, deployment_id: int, after: Cursor | None, count: int
+    ) -> tuple[list[DeadLetter], Cursor | None]:
+        """A page of dead letters by deployment, then dead-letter order, strictly
+        after ``after``; and the position to continue from (None at the end)."""
+        if deployment_id != ALL:
+            deployments = [deployment_id]
+        else:
+            deployments = sorted(
+                set(await self.deployments(config)) | set(await self.replaying(config))
+            )
+        if after is not None:
+            deployments = [d for d in deployments if d >= after.deployment_id]
+        out: list[DeadLetter] = []
+        for d in deployments:
+            start = "-"
+            if after is not None and d == after.deployment_id:
+                start = "(" + after.entry_id
+            rows: Any = await self._bounded(
+                self._redis.xrange(
+                    keys.dead_letters(d, config.name), start, "+", count=count - len(out) + 1
+                )
+            )
+            for entry, fields in rows:
+                if len(out) == count:
+                    return out, out[-1].id
+                dead_id = Cursor.from_entry(d, entry)
+                origin = fields.get(b"c", b"0-0")
+                out.append(
+                    DeadLetter(
+                        id=dead_id,
+                        event=StoredEvent(Cursor.from_entry(d, origin), fields.get(b"e", b"")),
+                        deliveries=_int(fields.get(b"n")),
+                        consumer=fields.get(b"o", b"").decode(errors="replace"),
+                        time_ms=dead_id.ms,
+                    )
+                )
+        return out, None
+
+    async def replay(
+        self, config: SubscriptionConfig, ids: Sequence[Cursor], deployment_id: int
+    ) -> int:
+        """Queue dead letters for delivery again: the given ones, or all (of
+        ``deployment_id`` unless ALL). Answers how many were moved."""
+        moved = 0
+        touched: set[int] = set()
+        if ids:
+            by_deployment: dict[int, list[str]] = {}
+            for cursor in ids:
+                by_deployment.setdefault(cursor.deployment_id, []).append(cursor.entry_id)
+            for d, entries in by_deployment.items():
+                n = await self._replay_one(config, d, ["ids", 0, *entries])
+                moved += n
+                if n:
+                    touched.add(d)
+        else:
+            if deployment_id != ALL:
+                deployments = [deployment_id]
+            else:
+                deployments = await self.deployments(config)
+            for d in deployments:
+                for _ in range(DEAD_LETTER_MAX_LEN // 500 + 2):
+                    n = await self._replay_one(config, d, ["all", 500])
+                    moved += n
+                    if n:
+                        touched.add(d)
+                    if n < 500:
+                        break
+        if touched:
+            await self._bounded(
+                self._redis.sadd(keys.replaying(config.name), *[str(d) for d in touched])
+            )
+        logger.info("subscription %s: %d dead letters replayed", config.name, moved)
+        return moved
+
+    async def _replay_one(self, config: SubscriptionConfig, d: int, args: list[Any]) -> int:
+        keys_ = [keys.dead_letters(d, config.name), keys.replays(d, config.name)]
+        return int(await self._bounded(self._replay(self._redis, keys_, [config.name, *args])))
+
+
+def _int(value: Any) -> int:
+    if value is None or isinstance(value, Exception):
+        return 0
+    return int(value)
+
+
+def _group(groups: Any, name: str) -> dict[str, Any] | None:
+    if isinstance(groups, Exception) or not groups:
+        return None
+    wanted = name.encode()
+    for group in groups:
+        raw = group["name"]
+        if raw in (wanted, name):
+            return dict(group)
+    return None
