@@ -33,12 +33,15 @@ from .pb import activityevents_pb2 as pb
 from .servicer import ActivityEventsServicer, generic_handler
 from .settings import Settings, redact_url
 from .store import EventStore, connect
+from .subscriber import SUBSCRIPTIONS_SERVICE, SubscriptionsServicer
+from .subscriber import generic_handler as subscriptions_handler
 from .tracing import TracingInterceptor, configure_tracing, instrument_redis, shutdown_tracing
 
 logger = logging.getLogger(__name__)
 
 REFLECTED = (
     SERVICE_NAME,
+    SUBSCRIPTIONS_SERVICE,
     health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
     reflection.SERVICE_NAME,
 )
@@ -82,6 +85,7 @@ class Application:
         self.hub: Hub | None = None
         self.health: HealthMonitor | None = None
         self.servicer: ActivityEventsServicer | None = None
+        self.subscriptions: SubscriptionsServicer | None = None
         self.server: grpc.aio.Server | None = None
         # Observability: service metrics and the HTTP side port (/metrics, /healthz, /readyz).
         self.metrics = ServiceMetrics(self.registry)
@@ -146,11 +150,13 @@ class Application:
             self.store, on_change=lambda up: metrics.redis_up.set(1 if up else 0)
         )
         self.servicer = ActivityEventsServicer(self.store, self.hub, settings)
+        self.subscriptions = SubscriptionsServicer(self.store, self.hub, settings, self.registry)
 
         server = grpc.aio.server(
             interceptors=self._interceptors(), options=server_options(settings)
         )
         server.add_generic_rpc_handlers((generic_handler(self.servicer),))
+        server.add_generic_rpc_handlers((subscriptions_handler(self.subscriptions),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         if settings.reflection:
             reflection.enable_server_reflection(REFLECTED, server)
