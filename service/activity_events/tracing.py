@@ -52,6 +52,7 @@ from activity_events.interceptors import (
     split_method,
     status_of,
 )
+from activity_events.pb import activityevents_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,17 @@ _ERROR_CODES = frozenset(
 )
 """Codes that mark a server span as an error (OpenTelemetry's gRPC conventions); the
 others (InvalidArgument, NotFound...) are the client's mistake, not the server's."""
+
+
+_CAUGHT_UP = pb.WatchEventsResponse(caught_up=True).SerializeToString()
+"""The servicer sends pre-serialised responses; this is the "history done" marker in bytes."""
+
+
+def _is_caught_up(message: Any) -> bool:
+    """Whether a streamed response marks the end of a follow stream's history phase."""
+    if isinstance(message, bytes):
+        return message == _CAUGHT_UP
+    return getattr(message, "caught_up", False) is True
 
 
 # --------------------------------------------------------------------------- set-up
@@ -310,7 +322,7 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     raise
                 otel_context.detach(token)
                 if rpc.open:
-                    if getattr(message, "caught_up", False) is True:
+                    if _is_caught_up(message):
                         rpc.close(grpc.StatusCode.OK, None, early=True)
                     yield message
                     continue
@@ -321,9 +333,12 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     links=[rpc_link],
                     attributes={"rpc.service": info.service, "rpc.method": info.method},
                 )
-                count = getattr(message, "events", None)
-                if count is not None:
-                    delivery.set_attribute("activity.events", len(count))
+                if isinstance(message, bytes):
+                    delivery.set_attribute("rpc.message.uncompressed_size", len(message))
+                else:
+                    events = getattr(message, "events", None)
+                    if events is not None:
+                        delivery.set_attribute("activity.events", len(events))
                 try:
                     yield message
                 finally:

@@ -1,0 +1,180 @@
+"""JSON logs: one object per line on stdout, for every logger in the process.
+
+Log shippers (Fluent Bit, Vector, Loki's promtail...) read container stdout
+line by line; a single traceback spread over twenty plain-text lines breaks
+that. So everything the process logs, its own loggers, third-party ones
+(grpc, redis, asyncio), ``warnings`` and uncaught exceptions, goes through
+one formatter that writes exactly one JSON object per line.
+
+Every object has ``time`` (RFC 3339, UTC), ``level``, ``logger`` and
+``message``; ``trace_id``/``span_id`` (lowercase hex, as trace backends show
+them) when the record was made inside an OpenTelemetry span; ``exception``
+with the traceback when there is one; and any ``extra={...}`` fields as
+top-level keys. Secrets never reach the output: passwords in URLs, bearer
+tokens, ``password=...`` pairs and any secret registered with
+:func:`configure` are replaced by ``***`` before the line is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import sys
+import threading
+import types
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any, TextIO
+from urllib.parse import unquote, urlsplit
+
+from opentelemetry import trace
+
+logger = logging.getLogger(__name__)
+
+MASK = "***"
+"""What a redacted secret is replaced with."""
+
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@]*:)[^\s@/]+@")
+_BEARER = re.compile(r"(?i)(?P<head>\b(?:bearer|basic)\s+)[A-Za-z0-9\-._~+/]+=*")
+_KEY_VALUE = re.compile(
+    r"(?i)(?P<head>\b(?:password|passwd|pwd|token|secret|api[_-]?key|authorization)"
+    r"[\"']?\s*[:=]\s*[\"']?)(?P<value>[^\s\"'&,;}]+)"
+)
+
+# Attributes every LogRecord has; anything else on a record came from `extra=`.
+_RECORD_FIELDS = frozenset(
+    logging.LogRecord("", 0, "", 0, "", None, None).__dict__.keys()
+    | {"message", "asctime", "taskName"}
+)
+
+
+class Redactor:
+    """Replaces secrets in text: URL passwords, bearer tokens, key=value secrets, known values.
+
+    Known values (e.g. the Redis password from the settings) are matched
+    literally, so a secret is caught even where no pattern would see it,
+    such as inside an error message from a library.
+    """
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        known: set[str] = set()
+        for secret in secrets:
+            parts = None
+            with contextlib.suppress(ValueError):
+                parts = urlsplit(secret)
+            if parts is not None and parts.scheme and parts.netloc:
+                # A URL: only its password is secret; host and port stay readable.
+                if parts.password:
+                    known.update({parts.password, unquote(parts.password)})
+            else:
+                known.add(secret)
+        self._secrets = sorted({s for s in known if len(s) >= 3}, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, MASK)
+        text = _URL_PASSWORD.sub(lambda m: m.group("head") + MASK + "@", text)
+        text = _BEARER.sub(lambda m: m.group("head") + MASK, text)
+        return _KEY_VALUE.sub(
+            lambda m: m.group("head") + (m.group("value") if m.group("value") == MASK else MASK),
+            text,
+        )
+
+
+_redactor = Redactor()
+
+
+def redact(text: str) -> str:
+    """``text`` with secrets masked; use it on error messages that leave the process.
+
+    Knows the literal secrets registered with :func:`configure` as well as the patterns.
+    """
+    return _redactor(text)
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats a record as one line of JSON (newlines inside values are escaped)."""
+
+    def __init__(self, redactor: Redactor | None = None) -> None:
+        super().__init__()
+        self._redact = redactor or Redactor()
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": self._redact(record.getMessage()),
+        }
+        span_context = trace.get_current_span().get_span_context()
+        if span_context.is_valid:
+            entry["trace_id"] = trace.format_trace_id(span_context.trace_id)
+            entry["span_id"] = trace.format_span_id(span_context.span_id)
+        for key, value in record.__dict__.items():
+            if key not in _RECORD_FIELDS and not key.startswith("_") and key not in entry:
+                entry[key] = self._redact(value) if isinstance(value, str) else value
+        if record.exc_info:
+            entry["exception"] = self._redact(self.formatException(record.exc_info))
+        elif record.exc_text:
+            entry["exception"] = self._redact(record.exc_text)
+        if record.stack_info:
+            entry["stack"] = self._redact(self.formatStack(record.stack_info))
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def configure(level: str, secrets: Iterable[str] = (), stream: TextIO | None = None) -> None:
+    """Send every log record of the process to ``stream`` (stdout) as JSON lines.
+
+    Call once at start-up, before anything else logs. ``level`` is a
+    ``logging`` level name (settings.log_level). ``secrets`` are literal
+    values to mask wherever they appear (pass the Redis password and the
+    password part of the Redis URL). Replaces any handlers already on the
+    root logger, so libraries that called ``logging.basicConfig`` do not
+    produce a second, plain-text copy; uncaught exceptions in the main
+    thread and in other threads are logged as JSON too.
+    """
+    global _redactor  # noqa: PLW0603 - one process-wide redactor, set at start-up
+    _redactor = Redactor(secrets)
+    handler = logging.StreamHandler(stream if stream is not None else sys.stdout)
+    handler.setFormatter(JsonFormatter(_redactor))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # Libraries that log a lot at INFO about their own plumbing stay at WARNING
+    # unless the whole process runs at DEBUG.
+    if level.upper() != "DEBUG":
+        for noisy in ("grpc._cython", "grpc.aio", "urllib3", "asyncio"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.captureWarnings(True)
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread
+
+
+def _log_uncaught(
+    kind: type[BaseException], error: BaseException, tb: types.TracebackType | None
+) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, error, tb)
+        return
+    logging.getLogger("activity_events").critical(
+        "Uncaught exception: %s", error, exc_info=(kind, error, tb)
+    )
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_value is None:
+        return
+    logging.getLogger("activity_events").critical(
+        "Uncaught exception in thread %s: %s",
+        args.thread.name if args.thread else "?",
+        args.exc_value,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+    )
