@@ -456,6 +456,19 @@ async def test_duplicate_add_says_so(server: Any) -> None:
     )
 
 
+async def test_add_with_json_prints_the_response(server: Any) -> None:
+    add = '{"id":3, "deployment_id": 14, "message":"as json"}'
+    for duplicate in (False, True):
+        result = await run_cli("-add", add, "--json", *connect(server))
+        assert result.code == ExitCode.OK, result.err
+        response = json.loads(result.out)
+        assert response["id"] == 3
+        assert response["deployment_id"] == 14
+        assert response["success"] is True
+        assert response["duplicate"] is duplicate
+        assert response["cursor"].startswith("14:")
+
+
 async def test_deployment_0_lists_all_deployments(server: Any, stub: Any) -> None:
     await create(stub, 21, 1, "a")
     await create(stub, 22, 1, "b")
@@ -738,7 +751,7 @@ async def test_export_import_round_trip_into_another_deployment(
     messages = ["plain", 'quotes " and \\ backslash', "ünïcödé\nsecond line", ""]
     for event_id, message in enumerate(messages, start=1):
         await create(stub, 61, event_id, message)
-    exported = await run_cli("export", "--deployment", "61", *connect(server))
+    exported = await run_cli("export", "--deployment", "61", "--json", *connect(server))
     assert exported.code == ExitCode.OK, exported.err
     assert len(exported.out_lines) == len(messages)
     assert "exported 4 events" in exported.err

@@ -123,7 +123,10 @@ commands (each has --help):
   import       store events from a JSON lines file (idempotent)
 
 Legacy output (-add, -deployment) goes to standard error as logrus lines,
-like the original client's; --json output goes to standard output."""
+like the original client's; --json output goes to standard output.
+Plain -deployment N lists with ListEvents, as the original did; --follow,
+--after, --limit and --json list with WatchEvents and add each event's cursor.
+Without any argument this help is printed (exit 0), as the original did."""
 
 
 def legacy_parser() -> Parser:
@@ -235,6 +238,7 @@ def export_parser() -> Parser:
     )
     _flag(parser, "after", default="", metavar="CURSOR", help="start after this cursor")
     _flag(parser, "limit", type=limit_count, default=0, metavar="N", help="stop after N events")
+    _flag(parser, "json", action="store_true", help="accepted for symmetry: output is JSON lines")
     add_connection_arguments(parser)
     return parser
 
