@@ -96,7 +96,7 @@ class Application:
         """Metrics outermost (times everything), then the span, then the access log
         (written inside the span, so it carries the trace id)."""
         services = [
-            pb.DESCRIPTOR.services_by_name["ActivityEvents"],
+            *pb.DESCRIPTOR.services_by_name.values(),  # ActivityEvents, Subscriptions
             health_pb2.DESCRIPTOR.services_by_name["Health"],
             reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
         ]
@@ -149,7 +149,7 @@ class Application:
         self.health = HealthMonitor(
             self.store, on_change=lambda up: metrics.redis_up.set(1 if up else 0)
         )
-        self.servicer = ActivityEventsServicer(self.store, self.hub, settings)
+        self.servicer = ActivityEventsServicer(self.store, self.hub, settings, metrics)
         self.subscriptions = SubscriptionsServicer(self.store, self.hub, settings, self.registry)
 
         server = grpc.aio.server(

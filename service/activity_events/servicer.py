@@ -14,7 +14,8 @@ import binascii
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 import grpc
@@ -31,6 +32,7 @@ from .errors import (
 )
 from .events import Cursor, StoredEvent, validate_deployment_id, validate_new
 from .hub import ALL, Hub, Subscription, last_cursor
+from .metrics import ServiceMetrics
 from .pb import activityevents_pb2 as pb
 from .settings import Settings
 from .store import AppendResult, EventStore, Outcome
@@ -94,12 +96,31 @@ class _Limit:
 class ActivityEventsServicer:
     """Implements the six RPCs of activityevents.ActivityEvents."""
 
-    def __init__(self, store: EventStore, hub: Hub, settings: Settings) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        hub: Hub,
+        settings: Settings,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
         self._store = store
         self._hub = hub
         self._settings = settings
+        self._metrics = metrics
         self.unary_limit = _Limit(settings.max_concurrent_unary, "concurrent calls")
         self.follower_limit = _Limit(settings.max_followers, "followers")
+
+    def _count(self, results: Iterable[AppendResult], invalid: int = 0) -> None:
+        """Event outcomes into the service metrics (EXHAUSTED is answered as INVALID)."""
+        if self._metrics is None:
+            return
+        outcomes = Counter(result.outcome for result in results)
+        self._metrics.record_outcomes(
+            created=outcomes[Outcome.CREATED],
+            duplicates=outcomes[Outcome.DUPLICATE],
+            conflicts=outcomes[Outcome.CONFLICT],
+            invalid=invalid + outcomes[Outcome.EXHAUSTED],
+        )
 
     # -- error mapping -----------------------------------------------------------
 
@@ -118,9 +139,14 @@ class ActivityEventsServicer:
 
     async def CreateEvent(self, request: pb.EventRequest, context: Context) -> pb.EventResponse:
         async with self._call(context, limit=self.unary_limit):
-            new = validate_new(request, max_message_bytes=self._settings.max_message_bytes)
+            try:
+                new = validate_new(request, max_message_bytes=self._settings.max_message_bytes)
+            except InvalidArgument:
+                self._count((), invalid=1)
+                raise
             receive = time.time_ns()
             result = await self._store.append_one(new, receive)
+            self._count([result])
             _raise_for(result, request.deployment_id, request.id)
             return pb.EventResponse(
                 id=result.event_id,
@@ -149,6 +175,8 @@ class ActivityEventsServicer:
                     "events",
                     f"{len(request.events)} events; at most {self._settings.max_batch} per call",
                 )
+            if self._metrics is not None:
+                self._metrics.batch_size.observe(len(request.events))
             results: list[pb.EventResult] = []
             valid = []
             where = []
@@ -172,6 +200,7 @@ class ActivityEventsServicer:
             if valid:
                 receive = time.time_ns()
                 stored = await self._store.append(valid, receive)
+                self._count(stored)
                 for index, new, result in zip(where, valid, stored, strict=True):
                     out = results[index]
                     out.id = result.event_id or new.event_id
@@ -184,6 +213,7 @@ class ActivityEventsServicer:
                     else:
                         out.cursor = str(result.cursor)
                         out.receive = receive
+            self._count((), invalid=len(results) - len(valid))
             return pb.CreateEventsResponse(results=results)
         raise AssertionError("unreachable")
 
@@ -309,6 +339,8 @@ class ActivityEventsServicer:
         async with self._call(context, limit=self.unary_limit):
             deployment = validate_deployment_id(request.deployment_id, allow_all=False)
             removed = await self._store.delete(deployment)
+            if self._metrics is not None:
+                self._metrics.events_deleted.inc(removed)
             logger.info("deployment %d deleted with %d events", deployment, removed)
             return pb.DeleteDeploymentResponse(deleted_events=removed)
         raise AssertionError("unreachable")
