@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
@@ -101,19 +101,126 @@ class Subscription:
             self.hub._remove(self)
 
 
+Reply = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
+"""XREAD's reply: per stream key, its new entries."""
+
+
+class BlockingReader:
+    """One node or Sentinel: a single XREAD BLOCK over every watched stream, on
+    the hub's own connection."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._redis = client
+
+    async def read(self, streams: dict[str, bytes], count: int, block_ms: int) -> Reply:
+        reply: Any = await self._redis.xread(streams, count=count, block=block_ms)  # type: ignore[arg-type]
+        return list(reply or [])
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+class NotifiedReader:
+    """Redis Cluster: XREAD cannot span slots, and a blocking read per slot would
+    need a connection per slot. The append script PUBLISHes the key of each
+    stream it appended to (keys.NOTIFY); this reader listens on one Pub/Sub
+    connection (Cluster Pub/Sub reaches every node) and then reads just those
+    streams, without blocking, through the pooled cluster client. Pub/Sub may
+    drop messages (e.g. while reconnecting), so every ``block_ms`` without
+    news it reads all watched streams anyway: a missed notice delays an event
+    by at most that, and never loses it.
+    """
+
+    def __init__(self, client: aioredis.Redis, subscriber: Callable[[int], aioredis.Redis]) -> None:
+        self._redis = client
+        self._subscriber = subscriber
+        self._dirty: set[str] = set()
+        self._news = asyncio.Event()
+        self._listener: asyncio.Task[None] | None = None
+
+    async def _listen(self) -> None:
+        attempt = 0
+        backoff = 0.1
+        while True:
+            client = self._subscriber(attempt)
+            pubsub = client.pubsub()
+            try:
+                await pubsub.subscribe(keys.NOTIFY)
+                backoff = 0.1
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                    if message is not None and message.get("type") == "message":
+                        data = message["data"]
+                        self._dirty.add(data.decode() if isinstance(data, bytes) else str(data))
+                        self._news.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("hub notifications lost (%s); reconnecting", type(exc).__name__)
+                self._news.set()  # read everything once, in case a notice was missed
+                attempt += 1
+                await asyncio.sleep(backoff)
+                backoff = min(BACKOFF_MAX, backoff * 2)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+
+    async def read(self, streams: dict[str, bytes], count: int, block_ms: int) -> Reply:
+        if self._listener is None:
+            self._listener = asyncio.create_task(self._listen(), name="hub-notifications")
+        if not self._dirty:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(block_ms / 1000):
+                    await self._news.wait()
+        self._news.clear()
+        dirty, self._dirty = self._dirty, set()
+        targets = [k for k in streams if k in dirty] if dirty else list(streams)
+        # Streams nobody watches yet are reported empty: new deployments, for
+        # followers of all deployments.
+        unknown: Reply = [
+            (k.encode(), []) for k in dirty if k not in streams and k.startswith(keys.PREFIX)
+        ]
+        if not targets:
+            return unknown
+        pipe = self._redis.pipeline(transaction=False)
+        for key in targets:
+            pipe.xread({key: streams[key]}, count=count)
+        replies = await pipe.execute()
+        out: Reply = []
+        for reply in replies:
+            for key, rows in reply or []:
+                out.append((key, rows))
+        return out + unknown
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        await self._redis.aclose()
+
+
+class Reader(Protocol):
+    async def read(self, streams: dict[str, bytes], count: int, block_ms: int) -> Reply: ...
+
+    async def close(self) -> None: ...
+
+
 class Hub:
     """Shared live reader; see the module docstring."""
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        reader: Reader,
         store: EventStore,
         *,
         block_ms: int,
         queue_size: int,
         on_delivery: Callable[[StoredEvent], None] | None = None,
     ) -> None:
-        self._redis = client
+        self._reader = reader
         self._store = store
         self._block_ms = block_ms
         self._queue_size = queue_size
@@ -150,7 +257,9 @@ class Hub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await self._redis.aclose()
+        if self._reading is not None:
+            self._reading.cancel()
+        await self._reader.close()
 
     async def subscribe(self, deployment_id: int) -> Subscription:
         """Register a follower of one deployment (or ALL); see the module docstring."""
@@ -209,7 +318,7 @@ class Hub:
                 self._changed.clear()
                 await self._changed.wait()
                 continue
-            streams: dict[Any, Any] = {keys.events(d): p for d, p in self._positions.items()}
+            streams = {keys.events(d): p for d, p in self._positions.items()}
             if self._new_tail is not None:
                 streams[keys.NEW_DEPLOYMENTS] = self._new_tail
             self._reading = asyncio.create_task(self._read(streams))
@@ -237,18 +346,18 @@ class Hub:
             if reply:
                 await self._dispatch(reply)
 
-    async def _read(self, streams: dict[Any, Any]) -> Any:
-        return await self._redis.xread(streams, count=READ_COUNT, block=self._block_ms)
+    async def _read(self, streams: dict[str, bytes]) -> Reply:
+        return await self._reader.read(streams, READ_COUNT, self._block_ms)
 
-    async def _dispatch(
-        self, reply: list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
-    ) -> None:
+    async def _dispatch(self, reply: Reply) -> None:
         announced: list[int] = []
         delivered: list[StoredEvent] = []
         for raw_key, rows in reply:
-            if not rows:
-                continue
             key = raw_key.decode()
+            if not rows:
+                if key.endswith(":events"):  # a stream new to this hub (Cluster notices)
+                    announced.append(keys.deployment_of(key))
+                continue
             if key == keys.NEW_DEPLOYMENTS:
                 self._new_tail = rows[-1][0]
                 announced += [int(fields[b"d"]) for _, fields in rows if b"d" in fields]

@@ -24,6 +24,10 @@ NEW_DEPLOYMENTS = PREFIX + ":deployments:new"
 """Short stream announcing deployments that received their first event, so hubs
 following "all deployments" start reading them without polling."""
 
+NOTIFY = PREFIX + ":notify"
+"""Pub/Sub channel on which the append script names streams it appended to, on
+Redis Cluster only: there a hub cannot block on streams of many slots at once."""
+
 EVENT_FIELD = b"e"
 """Stream entry field holding the serialized EventRequest."""
 

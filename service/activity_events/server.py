@@ -22,17 +22,17 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
-from . import SERVICE_NAME, __version__, logs
+from . import SERVICE_NAME, __version__, connection, logs
 from .embedded import EmbeddedRedis
 from .health import HealthMonitor
 from .httpserver import MetricsServer
-from .hub import Hub
+from .hub import BlockingReader, Hub, NotifiedReader, Reader
 from .interceptors import AccessLogInterceptor, GrpcMetricsInterceptor
 from .metrics import ServiceMetrics
 from .pb import activityevents_pb2 as pb
 from .servicer import ActivityEventsServicer, generic_handler
 from .settings import Settings, redact_url
-from .store import EventStore, connect
+from .store import EventStore
 from .subscriber import SUBSCRIPTIONS_SERVICE, SubscriptionsServicer
 from .subscriber import generic_handler as subscriptions_handler
 from .tracing import TracingInterceptor, configure_tracing, instrument_redis, shutdown_tracing
@@ -118,8 +118,9 @@ class Application:
             url = self.embedded.url
         else:
             url = settings.redis_url.get_secret_value()
-        logger.info("using redis at %s", redact_url(url))
-        client = connect(
+        target = connection.parse(url)
+        logger.info("using redis (%s) at %s", target.mode, redact_url(url))
+        client = connection.connect(
             settings,
             url,
             max_connections=settings.redis_max_connections,
@@ -127,7 +128,7 @@ class Application:
         )
         # The hub's own connection blocks for hub_block_ms; its socket timeout
         # must be longer, or redis-py would report an idle stream as an error.
-        hub_client = connect(
+        hub_client = connection.connect(
             settings,
             url,
             max_connections=1,
@@ -136,9 +137,19 @@ class Application:
         metrics = self.metrics
         instrument_redis(client, metrics)
         instrument_redis(hub_client, metrics)  # its blocking reads are neither timed nor traced
-        self.store = EventStore(client, settings)
+        reader: Reader
+        if target.cluster:
+            reader = NotifiedReader(
+                hub_client,
+                lambda attempt: connection.node_client(
+                    settings, target, attempt, socket_timeout=None
+                ),
+            )
+        else:
+            reader = BlockingReader(hub_client)
+        self.store = EventStore(client, settings, cluster=target.cluster)
         self.hub = Hub(
-            hub_client,
+            reader,
             self.store,
             block_ms=settings.hub_block_ms,
             queue_size=settings.follower_queue,

@@ -13,14 +13,25 @@ Consul > defaults.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from activity_events.consul import DEFAULT_CONSUL_ADDR, ConsulSettingsSource
+
+REDIS_SCHEMES = (
+    "redis",
+    "rediss",
+    "unix",
+    "redis+sentinel",
+    "rediss+sentinel",
+    "redis+cluster",
+    "rediss+cluster",
+)
+"""URL schemes of ACTIVITY_REDIS_URL: one node, Sentinel, Cluster (see connection.py)."""
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -123,8 +134,8 @@ class Settings(BaseSettings):
     # --- Redis ------------------------------------------------------------------
     redis_url: SecretStr | None = Field(
         None,
-        description="redis://, rediss:// or unix:// URL. Unset: start an embedded Redis "
-        "under data_dir.",
+        description="redis://, rediss://, unix://, redis+sentinel://h:26379,.../primary or "
+        "redis+cluster://h:7000,... URL. Unset: start an embedded Redis under data_dir.",
     )
     redis_password: SecretStr | None = Field(
         None, description="Redis password, when not given in the URL."
@@ -138,9 +149,7 @@ class Settings(BaseSettings):
     redis_tls_cert_file: Path | None = Field(
         None, description="Client certificate for Redis TLS with client authentication."
     )
-    redis_tls_key_file: Path | None = Field(
-        None, description="Private key of redis_tls_cert_file."
-    )
+    redis_tls_key_file: Path | None = Field(None, description="Private key of redis_tls_cert_file.")
     redis_max_connections: int = Field(
         6,
         gt=0,
@@ -221,23 +230,24 @@ class Settings(BaseSettings):
     @classmethod
     def _scheme(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
-            scheme = urlsplit(value.get_secret_value()).scheme
-            if scheme not in {"redis", "rediss", "unix"}:
+            scheme = value.get_secret_value().partition("://")[0]
+            if scheme not in REDIS_SCHEMES:
                 raise ValueError(
-                    f"ACTIVITY_REDIS_URL must start with redis://, rediss:// or unix://, "
-                    f"not {scheme or 'nothing'}://"
+                    f"ACTIVITY_REDIS_URL must start with one of "
+                    f"{', '.join(s + '://' for s in REDIS_SCHEMES)}; not {scheme[:20] or 'nothing'}://"
                 )
         return value
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, safe for logs and errors."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    netloc = f"{user}:***@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    """``url`` with any password replaced by ``***``, safe for logs and errors.
+
+    Works for every URL shape we accept, including multi-host Sentinel and
+    Cluster URLs (which urllib cannot parse) and ``...password=`` options.
+    """
+    url = _USERINFO.sub(r"\1***@", url)
+    return _PASSWORD_OPTION.sub(r"\1***", url)
+
+
+_USERINFO = re.compile(r"(://[^/@:]*:)[^/]*@")
+_PASSWORD_OPTION = re.compile(r"((?:^|[?&])[a-z_]*password=)[^&]*", re.IGNORECASE)

@@ -14,20 +14,18 @@ import hashlib
 import heapq
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from . import keys
 from .errors import InvalidArgument, NotFound, OutOfRange, StoreUnavailable
 from .events import Cursor, NewEvent, StoredEvent
-from .settings import Settings, redact_url
+from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -107,48 +105,20 @@ class DeploymentSummary:
     last: StoredEvent | None
 
 
-def connect(
-    settings: Settings, url: str, *, max_connections: int, socket_timeout: float
-) -> aioredis.Redis:
-    """A Redis client with a bounded, blocking pool.
-
-    Callers wait (up to the command timeout) for a free connection instead of
-    opening more: connections per replica stay at ``max_connections``. One quick
-    retry on a fresh connection hides a stale pooled socket after a Redis restart.
-    """
-    extra: dict[str, Any] = {}
-    if settings.redis_password is not None:
-        extra["password"] = settings.redis_password.get_secret_value()
-    if settings.redis_username:
-        extra["username"] = settings.redis_username
-    if url.startswith("rediss://"):
-        if settings.redis_tls_ca_file is not None:
-            extra["ssl_ca_certs"] = str(settings.redis_tls_ca_file)
-        if settings.redis_tls_cert_file is not None:
-            extra["ssl_certfile"] = str(settings.redis_tls_cert_file)
-        if settings.redis_tls_key_file is not None:
-            extra["ssl_keyfile"] = str(settings.redis_tls_key_file)
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=settings.redis_timeout_seconds,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=settings.redis_connect_timeout_seconds,
-        retry=Retry(NoBackoff(), 1),
-        retry_on_error=[rexc.ConnectionError],
-        health_check_interval=30,
-        **extra,
-    )
-    logger.debug("redis pool for %s with %d connections", redact_url(url), max_connections)
-    return aioredis.Redis(connection_pool=pool)
-
-
 class EventStore:
     """Append, read, list and delete events; see the module docstring."""
 
-    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
+    def __init__(
+        self, client: aioredis.Redis, settings: Settings, *, cluster: bool = False
+    ) -> None:
         self._redis = client
         self._settings = settings
+        self.cluster = cluster
+        self._notify = keys.NOTIFY if cluster else ""
+        # Bounds Redis work in flight to the pool size in every shape (Sentinel
+        # and Cluster pools refuse rather than wait), so callers queue here,
+        # within their timeout, instead of failing or opening connections.
+        self._slots = asyncio.Semaphore(settings.redis_max_connections)
         self._timeout = settings.redis_timeout_seconds
         self._append = LuaScript("append.lua")
         self._delete = LuaScript("delete.lua")
@@ -165,8 +135,10 @@ class EventStore:
         return self._redis
 
     async def _bounded(self, work: Awaitable[T]) -> T:
+        started = False
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(self._timeout), self._slots:
+                started = True
                 return await work
         except REDIS_DOWN as exc:
             if self.on_failure is not None:
@@ -180,6 +152,9 @@ class EventStore:
             if self.on_failure is not None:
                 self.on_failure()
             raise StoreUnavailable(f"redis refused the command: {text}") from None
+        finally:
+            if not started and isinstance(work, Coroutine):
+                work.close()  # never awaited: timed out waiting for a slot
 
     async def ping(self) -> None:
         await self._bounded(self._redis.ping())
@@ -245,7 +220,7 @@ class EventStore:
         retention = self._retention_args()
         argv: list[list[Any]] = []
         for _, indexes in calls:
-            args: list[Any] = [*retention, len(indexes)]
+            args: list[Any] = [*retention, self._notify, len(indexes)]
             for i in indexes:
                 event, receive_ns = items[i]
                 args += [event.event_id, event.digest(), event.payload_without_id(receive_ns)]

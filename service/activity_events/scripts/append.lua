@@ -6,8 +6,10 @@
 --
 -- ARGV[1]  retention max length; "0" = off
 -- ARGV[2]  retention: drop entries older than this Unix ms; "0" = off
--- ARGV[3]  n, the number of events that follow
--- then, per event i (0-based), at ARGV[4 + 3*i ..]:
+-- ARGV[3]  channel to PUBLISH the stream key on after appending; "" = none
+--          (Redis Cluster, where followers' hubs cannot block on many slots)
+-- ARGV[4]  n, the number of events that follow
+-- then, per event i (0-based), at ARGV[5 + 3*i ..]:
 --   id       event id; "0" asks for the next free id (maxid + 1)
 --   digest   digest of the message (the event's identity besides its id)
 --   payload  EventRequest bytes of every field but id (field 1), prepended here
@@ -31,7 +33,8 @@ end
 
 local maxlen = tonumber(ARGV[1])
 local min_ms = tonumber(ARGV[2])
-local n = tonumber(ARGV[3])
+local channel = ARGV[3]
+local n = tonumber(ARGV[4])
 
 local maxid = tonumber(redis.call('HGET', KEYS[3], 'maxid') or '0')
 local fresh = redis.call('EXISTS', KEYS[3]) == 0
@@ -39,9 +42,9 @@ local result = {}
 local created = 0
 
 for i = 0, n - 1 do
-  local id = tonumber(ARGV[4 + 3 * i])
-  local digest = ARGV[5 + 3 * i]
-  local payload = ARGV[6 + 3 * i]
+  local id = tonumber(ARGV[5 + 3 * i])
+  local digest = ARGV[6 + 3 * i]
+  local payload = ARGV[7 + 3 * i]
   local code, entry = 0, ''
   if id == 0 then
     if maxid >= INT32_MAX then
@@ -94,6 +97,10 @@ if created > 0 then
       redis.call('HSET', KEYS[3], 'trimmed', old[1][1])
     end
   end
+end
+
+if created > 0 and channel ~= '' then
+  redis.call('PUBLISH', channel, KEYS[1])
 end
 
 if fresh and created > 0 then result[#result + 1] = 1 else result[#result + 1] = 0 end
