@@ -11,8 +11,8 @@ import pytest
 from activity_events.pb import activityevents_pb2 as pb
 from activity_events.pb import activityevents_pb2_grpc as pb_grpc
 from tests.support.streams import (
-    Follower,
     RPC_TIMEOUT,
+    Follower,
     collect,
     create,
     event,
