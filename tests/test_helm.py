@@ -53,11 +53,17 @@ SET_COMBINATIONS = {
         "networkPolicy.enabled=true,"
         "networkPolicy.grpcFrom[0].namespaceSelector.matchLabels.team=deploy"
     ),
-    "tls": "tls.enabled=true,tls.existingSecret=activity-events-tls",
+    "tls": "tls.enabled=true,tls.existingSecret=activity-events-tls,tls.clientAuth=true",
+    "auth": "auth.enabled=true,auth.existingSecret=activity-tokens,settings.auth_reflection=open",
+    "redis-tls": (
+        "redis.url=rediss://redis:6380/0,redis.username=events,redis.tlsSecret=redis-tls,"
+        "redis.tlsClientAuth=true"
+    ),
     "password": "redis.url=rediss://redis.example:6380/0,redis.password=s3cret",
     "everything": (
         "autoscaling.enabled=true,metrics.serviceMonitor.enabled=true,headless.enabled=true,"
-        "networkPolicy.enabled=true,tls.enabled=true,tls.existingSecret=t,devRedis.enabled=true"
+        "networkPolicy.enabled=true,tls.enabled=true,tls.existingSecret=t,devRedis.enabled=true,"
+        "auth.enabled=true,auth.existingSecret=a"
     ),
 }
 
@@ -168,7 +174,8 @@ def test_helm_lint_strict_passes(name: str) -> None:
 def test_rendered_objects_pass_kubernetes_validate_strict(name: str, version: str) -> None:
     objects = render(VALUE_SETS[name])
     kinds = {obj["kind"] for obj in objects}
-    assert {"Deployment", "Service", "ConfigMap", "ServiceAccount", "Pod"} <= kinds
+    assert {"Deployment", "Service", "ConfigMap", "ServiceAccount"} <= kinds
+    assert ("Pod" in kinds) == (name != "tilt-dev"), "helm test pod: on, except under Tilt"
     for obj in objects:
         if obj["kind"] == "ServiceMonitor":
             # A CRD: kubernetes-validate has no schema for it (checked below instead).
@@ -243,7 +250,16 @@ def test_schema_settings_are_exactly_the_configurable_settings() -> None:
         "data_dir",
         "redis_url",
         "redis_password",
+        "redis_username",
         "consul_http_token",
+        # File paths of mounted Secrets:
+        "tls_cert_file",
+        "tls_key_file",
+        "tls_client_ca_file",
+        "auth_tokens_file",
+        "redis_tls_ca_file",
+        "redis_tls_cert_file",
+        "redis_tls_key_file",
     }
     assert in_schema == set(Settings.model_fields) - managed, (
         "update helm/activity-events/values.schema.json (settings) to match Settings"
@@ -458,14 +474,58 @@ def test_network_policy_limits_ingress_to_the_ports() -> None:
     assert rules[0]["from"] == [{"namespaceSelector": {"matchLabels": {"team": "deploy"}}}]
 
 
-def test_tls_secret_is_mounted_read_only() -> None:
-    objects = render(VALUE_SETS["tls"])
+def mounted_file(objects: list[dict[str, Any]], path: str) -> tuple[str, str]:
+    """(Secret name, key) that a file path in the server container comes from."""
     pod = server_deployment(objects)["spec"]["template"]["spec"]
-    tls = next(v for v in pod["volumes"] if v["name"] == "tls")
-    assert tls["secret"]["secretName"] == "activity-events-tls"
-    mount = next(m for m in server_container(objects)["volumeMounts"] if m["name"] == "tls")
-    assert mount["readOnly"] is True
-    assert mount["mountPath"] == "/etc/activity-events/tls"
+    container = server_container(objects)
+    for mount in container["volumeMounts"]:
+        prefix = mount["mountPath"].rstrip("/") + "/"
+        if path.startswith(prefix):
+            assert mount.get("readOnly") is True, f"{mount['mountPath']} must be read-only"
+            volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+            return volume["secret"]["secretName"], path[len(prefix) :]
+    raise AssertionError(f"{path} is on no mounted volume")
+
+
+def test_tls_files_come_from_the_secret_and_probes_leave_grpc() -> None:
+    objects = render(VALUE_SETS["tls"])
+    env = rendered_env(objects)
+    for name, key in (
+        ("ACTIVITY_TLS_CERT_FILE", "tls.crt"),
+        ("ACTIVITY_TLS_KEY_FILE", "tls.key"),
+        ("ACTIVITY_TLS_CLIENT_CA_FILE", "ca.crt"),
+    ):
+        assert mounted_file(objects, env[name]) == ("activity-events-tls", key)
+    container = server_container(objects)
+    # Kubernetes' grpc probe speaks plaintext only: with TLS the HTTP side port answers.
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert "grpc" not in container["startupProbe"]
+    hook = next(o for o in objects if o["kind"] == "Pod")
+    assert "/readyz" in " ".join(hook["spec"]["containers"][0]["command"])
+    plain = rendered_env(render())
+    assert not any(name.startswith("ACTIVITY_TLS_") for name in plain)
+
+
+def test_auth_tokens_file_comes_from_the_secret() -> None:
+    objects = render(VALUE_SETS["auth"])
+    env = rendered_env(objects)
+    assert mounted_file(objects, env["ACTIVITY_AUTH_TOKENS_FILE"]) == ("activity-tokens", "tokens")
+    assert env["ACTIVITY_AUTH_REFLECTION"] == "open"
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmError, match="existingSecret"):
+        chart.render({"auth": {"enabled": True}}, name=RELEASE)
+
+
+def test_redis_tls_and_username() -> None:
+    objects = render(VALUE_SETS["redis-tls"])
+    env = rendered_env(objects)
+    assert env["ACTIVITY_REDIS_USERNAME"] == "events"
+    for name, key in (
+        ("ACTIVITY_REDIS_TLS_CA_FILE", "ca.crt"),
+        ("ACTIVITY_REDIS_TLS_CERT_FILE", "tls.crt"),
+        ("ACTIVITY_REDIS_TLS_KEY_FILE", "tls.key"),
+    ):
+        assert mounted_file(objects, env[name]) == ("redis-tls", key)
 
 
 def test_helm_test_hook_checks_grpc_health() -> None:

@@ -124,6 +124,26 @@ ACTIVITY_HOST: {{ .Values.server.host | quote }}
 ACTIVITY_METRICS_PORT: {{ .Values.metrics.port | quote }}
 ACTIVITY_METRICS_HOST: {{ .Values.metrics.host | quote }}
 ACTIVITY_DATA_DIR: {{ .Values.dataDir.mountPath | quote }}
+{{- if .Values.tls.enabled }}
+ACTIVITY_TLS_CERT_FILE: {{ printf "%s/tls.crt" .Values.tls.mountPath | quote }}
+ACTIVITY_TLS_KEY_FILE: {{ printf "%s/tls.key" .Values.tls.mountPath | quote }}
+{{- if .Values.tls.clientAuth }}
+ACTIVITY_TLS_CLIENT_CA_FILE: {{ printf "%s/ca.crt" .Values.tls.mountPath | quote }}
+{{- end }}
+{{- end }}
+{{- if .Values.auth.enabled }}
+ACTIVITY_AUTH_TOKENS_FILE: {{ printf "%s/%s" .Values.auth.mountPath .Values.auth.key | quote }}
+{{- end }}
+{{- with .Values.redis.username }}
+ACTIVITY_REDIS_USERNAME: {{ . | quote }}
+{{- end }}
+{{- if .Values.redis.tlsSecret }}
+ACTIVITY_REDIS_TLS_CA_FILE: {{ printf "%s/ca.crt" (include "activity-events.redisTlsPath" .) | quote }}
+{{- if .Values.redis.tlsClientAuth }}
+ACTIVITY_REDIS_TLS_CERT_FILE: {{ printf "%s/tls.crt" (include "activity-events.redisTlsPath" .) | quote }}
+ACTIVITY_REDIS_TLS_KEY_FILE: {{ printf "%s/tls.key" (include "activity-events.redisTlsPath" .) | quote }}
+{{- end }}
+{{- end }}
 {{- range $name, $value := .Values.settings }}
 {{- if not (kindIs "invalid" $value) }}
 {{- $text := toString $value }}
@@ -151,6 +171,9 @@ Fail early on combinations that would roll out a broken or unsafe release.
 {{- if and .Values.tls.enabled (not .Values.tls.existingSecret) }}
 {{- fail "activity-events: tls.enabled needs tls.existingSecret (a kubernetes.io/tls Secret)" }}
 {{- end }}
+{{- if and .Values.auth.enabled (not .Values.auth.existingSecret) }}
+{{- fail "activity-events: auth.enabled needs auth.existingSecret (a Secret with the tokens file)" }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -171,4 +194,11 @@ Keys of the Redis URL and password in the Secret the pods read.
 
 {{- define "activity-events.redisPasswordKey" -}}
 {{- if .Values.redis.existingSecret }}{{ .Values.redis.existingSecretPasswordKey }}{{ else }}redis-password{{ end }}
+{{- end }}
+
+{{/*
+Where the Redis TLS Secret is mounted.
+*/}}
+{{- define "activity-events.redisTlsPath" -}}
+/etc/activity-events/redis-tls
 {{- end }}
