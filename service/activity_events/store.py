@@ -264,7 +264,9 @@ class EventStore:
             if unindexed:
                 pipe.zadd(keys.DEPLOYMENTS, {str(d): d for d in unindexed})
             for i in pending:
-                pipe.evalsha(self._append.sha, 3, *keys.deployment_keys(calls[i][0]), *argv[i])
+                pipe.execute_command(
+                    "EVALSHA", self._append.sha, 3, *keys.deployment_keys(calls[i][0]), *argv[i]
+                )
             out = await pipe.execute(raise_on_error=False)
             if unindexed:
                 out = out[1:]
