@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
-from . import SERVICE_NAME, __version__, connection, logs
+from . import SERVICE_NAME, __version__, auth, connection, logs, tls
 from .embedded import EmbeddedRedis
 from .health import HealthMonitor
 from .httpserver import MetricsServer
@@ -100,11 +100,16 @@ class Application:
             health_pb2.DESCRIPTOR.services_by_name["Health"],
             reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
         ]
-        return [
+        interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [
             GrpcMetricsInterceptor(self.registry, services),
             TracingInterceptor(),
             AccessLogInterceptor(),
         ]
+        # Auth innermost, so refused calls are still counted and access-logged.
+        checker = auth.interceptor(
+            self.settings.auth_tokens_file, reflection=self.settings.auth_reflection
+        )
+        return interceptors if checker is None else [*interceptors, checker]
 
     def _ready(self) -> bool:
         """/readyz: Redis reachable and not shutting down."""
@@ -172,7 +177,7 @@ class Application:
         if settings.reflection:
             reflection.enable_server_reflection(REFLECTED, server)
         address = f"{settings.host}:{settings.port}"
-        self.port = server.add_insecure_port(address)
+        self.port = tls.add_port(server, address, settings)  # plaintext unless TLS is set
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {address}")
         self.server = server
