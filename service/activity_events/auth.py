@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 Role = Literal["writer", "reader", "admin"]
 ROLES: frozenset[str] = frozenset({"writer", "reader", "admin"})
+SUBSCRIPTIONS = "activityevents.Subscriptions"
 
 METHOD_ROLES: dict[str, Role] = {
     f"/{SERVICE_NAME}/CreateEvent": "writer",
@@ -55,6 +56,13 @@ METHOD_ROLES: dict[str, Role] = {
     f"/{SERVICE_NAME}/WatchEvents": "reader",
     f"/{SERVICE_NAME}/ListDeployments": "reader",
     f"/{SERVICE_NAME}/DeleteDeployment": "admin",
+    # Durable subscriptions: consuming (and acknowledging) is reading; removing
+    # a subscription or re-injecting dead letters changes what others see.
+    f"/{SUBSCRIPTIONS}/Subscribe": "reader",
+    f"/{SUBSCRIPTIONS}/ListSubscriptions": "reader",
+    f"/{SUBSCRIPTIONS}/ListDeadLetters": "reader",
+    f"/{SUBSCRIPTIONS}/DeleteSubscription": "admin",
+    f"/{SUBSCRIPTIONS}/ReplayDeadLetters": "admin",
 }
 """The role each method needs; any method not listed needs ``admin``."""
 

@@ -48,7 +48,9 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
             )
         return None
     if cert is None or key is None:
-        raise TlsConfigError("ACTIVITY_TLS_CERT_FILE and ACTIVITY_TLS_KEY_FILE must be set together")
+        raise TlsConfigError(
+            "ACTIVITY_TLS_CERT_FILE and ACTIVITY_TLS_KEY_FILE must be set together"
+        )
     pair = (_read(key, "TLS key"), _read(cert, "TLS certificate"))
     if client_ca is None:
         logger.info("gRPC port uses TLS (certificate %s)", cert)
