@@ -9,7 +9,10 @@ grpc.aio server and from an instrumented client of a real redis-server.
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,6 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from activity_events.metrics import ServiceMetrics
 from activity_events.pb import activityevents_pb2 as pb
+from activity_events.pb import activityevents_pb2_grpc as pb_grpc
 from activity_events.tracing import (
     TracingInterceptor,
     build_resource,
@@ -460,3 +464,75 @@ def test_protocol_and_resource_from_env(monkeypatch: pytest.MonkeyPatch) -> None
     assert build_resource().attributes["service.name"] == "activity-events"
     monkeypatch.setenv("OTEL_SERVICE_NAME", "custom")
     assert build_resource().attributes["service.name"] == "custom"
+
+
+# --------------------------------------------------------------------------- the real server
+
+
+@pytest.mark.slow
+async def test_real_server_process_exports_spans_joining_the_cli_trace(
+    receiver: tuple[Receiver, int],
+    redis_server: RedisProcess,
+    server_process_factory: Any,
+) -> None:
+    """``activity-server`` configured by OTEL_* only; ``activity-client -add`` with TRACEPARENT."""
+    collector, port = receiver
+    server = server_process_factory(
+        {
+            "ACTIVITY_REDIS_URL": redis_server.url,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+            "OTEL_EXPORTER_OTLP_INSECURE": "true",
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+        }
+    )
+    await asyncio.to_thread(server.start)
+    client = Path(sys.executable).with_name("activity-client")
+    env = {**os.environ, "TRACEPARENT": f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01"}
+    added = await asyncio.create_subprocess_exec(
+        str(client), "-port", str(server.port), "-add",
+        '{"id": 1, "deployment_id": 5, "message": "Deployment has been created successfully"}',
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    output, _ = await asyncio.wait_for(added.communicate(), 30)
+    assert added.returncode == 0, output
+
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        stub = pb_grpc.ActivityEventsStub(channel)
+        follow = stub.WatchEvents(pb.WatchEventsRequest(deployment_id=5, follow=True), timeout=30)
+        while not (await asyncio.wait_for(follow.read(), 5)).caught_up:
+            pass
+        await stub.CreateEvent(pb.EventRequest(id=2, deployment_id=5, message="live"), timeout=5)
+        assert (await asyncio.wait_for(follow.read(), 5)).events
+        # The follow span is exported while the stream is still open.
+        assert await wait_for(
+            lambda: collector.named("activityevents.ActivityEvents/WatchEvents"), timeout=10
+        )
+        follow.cancel()
+    finally:
+        await channel.close()
+    await asyncio.to_thread(server.stop)
+
+    assert await wait_for(
+        lambda: collector.named("activityevents.ActivityEvents/WatchEvents/deliver"), timeout=10
+    )
+    creates = collector.named("activityevents.ActivityEvents/CreateEvent")
+    from_cli = [s for s in creates if s.trace_id.hex() == CLIENT_TRACE_ID]
+    assert len(from_cli) == 1, [s.trace_id.hex() for s in creates]
+    (cli_span,) = from_cli
+    assert cli_span.parent_span_id.hex() == CLIENT_SPAN_ID
+    assert attributes(cli_span)["rpc.grpc.status_code"] == 0
+    assert attributes(cli_span)["activity.deployment_id"] == 5
+    redis_children = [s for s in collector.spans if s.parent_span_id == cli_span.span_id]
+    assert redis_children, "no Redis spans under the CreateEvent span"
+    assert all(attributes(s)["db.system"] == "redis" for s in redis_children)
+
+    (watch,) = collector.named("activityevents.ActivityEvents/WatchEvents")
+    assert attributes(watch)["activity.stream.continues"] is True
+    for delivery in collector.named("activityevents.ActivityEvents/WatchEvents/deliver"):
+        assert [link.span_id for link in delivery.links] == [watch.span_id]
+
+    names = {s.name for s in collector.spans}
+    assert not [n for n in names if "Health" in n or "Reflection" in n], names
+    assert "XREAD" not in names  # the hub's blocking reads make no spans
+    assert {r["service.name"] for r in collector.resources} == {"activity-events"}
