@@ -34,14 +34,16 @@ from typing import Any
 import grpc
 import pytest
 import redis.asyncio as redis_asyncio
+from prometheus_client import CollectorRegistry
 
 from activity_events.pb import activityevents_pb2_grpc as pb_grpc
+from activity_events.server import Application
 from activity_events.settings import Settings
 from tests.support.redis_process import RedisProcess
 from tests.support.server_process import SETTINGS_ENV_NAMES, SETTINGS_ENV_PREFIXES, ServerProcess
 
 SettingsFactory = Callable[..., Settings]
-AppFactory = Callable[..., Awaitable[Any]]
+AppFactory = Callable[..., Awaitable[Application]]
 
 
 @pytest.fixture(autouse=True)
@@ -114,13 +116,9 @@ async def app_factory(settings_factory: SettingsFactory) -> AsyncIterator[AppFac
 
     All are stopped at teardown, newest first.
     """
-    from prometheus_client import CollectorRegistry  # noqa: PLC0415
+    started: list[Application] = []
 
-    from activity_events.server import Application  # noqa: PLC0415
-
-    started: list[Any] = []
-
-    async def start(settings: Settings | None = None, **overrides: Any) -> Any:
+    async def start(settings: Settings | None = None, **overrides: Any) -> Application:
         app = Application(settings or settings_factory(**overrides), registry=CollectorRegistry())
         started.append(app)
         await app.start()
@@ -134,7 +132,7 @@ async def app_factory(settings_factory: SettingsFactory) -> AsyncIterator[AppFac
 
 
 @pytest.fixture
-async def server(app_factory: AppFactory) -> Any:
+async def server(app_factory: AppFactory) -> Application:
     """A started Application with the default test settings."""
     return await app_factory()
 

@@ -94,6 +94,7 @@ async def test_follow_all_deployments_sees_new_deployments(
         order = [(1, 2), (2, 1), (777, 1), (1, 3), (777, 2)]
         for deployment_id, event_id in order:
             await create(stub, deployment_id, event_id)
+            await asyncio.sleep(0.003)  # distinct entry-id milliseconds: arrival order is fixed
         await follower.until_count(1 + len(order), LIVE_TIMEOUT)
         live = [(s.event.deployment_id, s.event.id) for s in follower.events[1:]]
         assert live == order

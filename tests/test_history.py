@@ -60,6 +60,9 @@ async def test_list_all_deployments_in_arrival_order(stub: pb_grpc.ActivityEvent
         for deployment_id in (3, 1, 2):
             await create(stub, deployment_id, round_, f"d{deployment_id} r{round_}")
             order.append((deployment_id, round_))
+            # Entry ids are milliseconds, ties broken by deployment id: keep creations
+            # apart so that arrival order is creation order.
+            await asyncio.sleep(0.003)
     listed = await list_events(stub, 0)
     assert [(e.deployment_id, e.id) for e in listed] == order
     watched = await watch(stub, 0)
@@ -267,3 +270,25 @@ async def test_all_deployments_watch_after_full_cursor(stub: pb_grpc.ActivityEve
         assert [s.cursor for s in after] == [s.cursor for s in everything[position + 1 :]]
     limited = await watch(stub, 0, after=everything[2].cursor, limit=4)
     assert [s.cursor for s in limited] == [s.cursor for s in everything[3:7]]
+
+
+async def test_all_deployments_ties_are_ordered_by_deployment(
+    stub: pb_grpc.ActivityEventsStub,
+) -> None:
+    """Entries of different streams may share an entry id; the merged order and the
+    resume position must then go by deployment id, dropping or repeating nothing."""
+    for round_ in range(1, 4):
+        batch = [event(d, round_, f"d{d} r{round_}") for d in (3, 1, 2)]
+        await stub.CreateEvents(pb.CreateEventsRequest(events=batch), timeout=RPC_TIMEOUT)
+    everything = await watch(stub, 0)
+    assert len(everything) == 9
+    keys = [cursor_key(s.cursor) for s in everything]
+    assert keys == sorted(keys)
+    assert len(set(keys)) == 9
+    merged = await list_events(stub, 0)
+    assert [(e.deployment_id, e.id) for e in merged] == [
+        (s.event.deployment_id, s.event.id) for s in everything
+    ]
+    for position in range(9):
+        after = await watch(stub, 0, after=everything[position].cursor)
+        assert [s.cursor for s in after] == [s.cursor for s in everything[position + 1 :]]

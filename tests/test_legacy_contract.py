@@ -10,6 +10,7 @@ the test sees the wire, not what our own stubs make of it.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -177,6 +178,9 @@ async def test_legacy_list_all_deployments_in_arrival_order(legacy: LegacyClient
             legacy.event(deployment_id, event_id, f"d{deployment_id} e{event_id}", now_ns())
         )
         assert response.success
+        # Arrival order is by stream entry id (milliseconds), ties by deployment id:
+        # keep creations a few milliseconds apart so arrival order is creation order.
+        await asyncio.sleep(0.003)
     listed = await legacy.list(0)
     assert [(e.deployment_id, e.id) for e in listed] == order
     assert all(e.timestamp.receive > 0 for e in listed)

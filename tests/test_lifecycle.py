@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from activity_events.pb import activityevents_pb2 as pb
 from activity_events.pb import activityevents_pb2_grpc as pb_grpc
+from tests.support.ports import free_port
 from tests.support.redis_process import RedisProcess
 from tests.support.server_process import ServerProcess
 from tests.support.streams import (
@@ -352,34 +353,23 @@ async def test_sigterm_drains_in_flight_calls_and_exits_zero(
 
 
 @pytest.mark.slow
-async def test_sigint_via_python_module_exits_zero(
+async def test_python_module_with_legacy_port_exits_zero_on_sigint(
     server_process_factory: ServerFactory, redis_server: RedisProcess
 ) -> None:
+    port = free_port()
     proc = server_process_factory(
-        {"ACTIVITY_REDIS_URL": redis_server.url},
+        {"ACTIVITY_REDIS_URL": redis_server.url, "PORT": str(port)},
+        port=port,
         command=[sys.executable, "-m", "activity_events.server"],
     )
+    del proc.env["ACTIVITY_PORT"]  # only the original service's variable names the port
     await asyncio.to_thread(proc.start)
-    async with _aio_channel(proc.port) as channel:
+    assert f"Server has been started on {port}" in proc.output
+    async with _aio_channel(port) as channel:
         assert (await create(pb_grpc.ActivityEventsStub(channel), 1, 1)).success
     proc.send_signal(signal.SIGINT)
     assert await asyncio.to_thread(proc.wait, 10) == 0
     assert "Traceback" not in proc.output
-
-
-@pytest.mark.slow
-async def test_legacy_port_variable(
-    server_process_factory: ServerFactory, redis_server: RedisProcess
-) -> None:
-    from tests.support.ports import free_port  # noqa: PLC0415
-
-    port = free_port()
-    proc = server_process_factory(
-        {"ACTIVITY_REDIS_URL": redis_server.url, "PORT": str(port)}, port=port
-    )
-    del proc.env["ACTIVITY_PORT"]  # only the original service's variable
-    await asyncio.to_thread(proc.start)
-    assert f"Server has been started on {port}" in proc.output
 
 
 @pytest.mark.slow
