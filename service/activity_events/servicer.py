@@ -25,6 +25,7 @@ from .errors import (
     ActivityError,
     Conflict,
     Exhausted,
+    FollowerLagged,
     InvalidArgument,
     NotFound,
     OutOfRange,
@@ -133,6 +134,8 @@ class ActivityEventsServicer:
                 with limit.hold():
                     yield
         except ActivityError as error:
+            if isinstance(error, FollowerLagged) and self._metrics is not None:
+                self._metrics.follower_overflows.inc()
             await context.abort(status_of(error), str(error))
 
     # -- legacy RPCs ---------------------------------------------------------------
