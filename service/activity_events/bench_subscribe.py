@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 FILL_BATCH = 1000
 FILL_CONCURRENCY = 4
+FILL_ATTEMPTS = 5
 SETTLE_POLL_SECONDS = 0.02
 """How often the server is asked whether everything is acknowledged, once all
 events arrived; the rate's resolution at the end of the run."""
@@ -88,7 +89,16 @@ async def _fill(stub: Any, deployment: int, count: int, size: int, rpc_timeout: 
                 pb.EventRequest(id=i, deployment_id=deployment, message=f"{i:>11} {body}"[:size])
                 for i in ids
             ]
-            await stub.CreateEvents(pb.CreateEventsRequest(events=events), timeout=rpc_timeout)
+            request = pb.CreateEventsRequest(events=events)
+            for attempt in range(FILL_ATTEMPTS):
+                try:
+                    await stub.CreateEvents(request, timeout=rpc_timeout)
+                    break
+                except grpc.aio.AioRpcError as error:
+                    # Creates are idempotent: a retry after UNAVAILABLE stores nothing twice.
+                    if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == FILL_ATTEMPTS - 1:
+                        raise
+                    await asyncio.sleep(0.2 * (attempt + 1))
 
     await asyncio.gather(*(worker() for _ in range(FILL_CONCURRENCY)))
 
