@@ -217,12 +217,14 @@ class Delivery(_message.Message):
     def __init__(self, event: _Optional[_Union[EventRequest, _Mapping]] = ..., cursor: _Optional[str] = ..., delivery_count: _Optional[int] = ...) -> None: ...
 
 class AckError(_message.Message):
-    __slots__ = ("cursor", "reason")
+    __slots__ = ("cursor", "reason", "code")
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
     cursor: str
     reason: str
-    def __init__(self, cursor: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    code: int
+    def __init__(self, cursor: _Optional[str] = ..., reason: _Optional[str] = ..., code: _Optional[int] = ...) -> None: ...
 
 class SubscribeOpened(_message.Message):
     __slots__ = ("consumer", "subscription")
