@@ -944,3 +944,60 @@ async def test_export_into_a_closed_pipe_exits_141_quietly(server: Any, stub: An
             await process.wait()
     assert code == ExitCode.BROKEN_PIPE
     assert err == ""
+
+
+async def test_deployments_pages_through_every_deployment(server: Any, stub: Any) -> None:
+    count = 600  # more than one ListDeployments page of the client (500)
+    request = pb.CreateEventsRequest(
+        events=[pb.EventRequest(id=1, deployment_id=d, message="m") for d in range(1, count + 1)]
+    )
+    await stub.CreateEvents(request, timeout=30)
+    result = await run_cli("deployments", "--json", *connect(server))
+    assert result.code == ExitCode.OK, result.err
+    assert [json.loads(line)["id"] for line in result.out_lines] == list(range(1, count + 1))
+
+
+async def test_follow_ends_with_exit_0_when_the_server_stops(
+    app_factory: Any, stub_for: Any
+) -> None:
+    app = await app_factory()
+    created = await create(stub_for(app), 71, 1, "before the stop")
+    process = await asyncio.create_subprocess_exec(
+        *CLI,
+        "-deployment",
+        "71",
+        "--follow",
+        *connect(app),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=child_env(),
+    )
+    assert process.stderr is not None
+    try:
+        for _ in range(2):  # the history event, then "Caught up"
+            await asyncio.wait_for(process.stderr.readline(), 10)
+        await app.stop()
+        code = await asyncio.wait_for(process.wait(), 15)
+        rest = (await asyncio.wait_for(process.stderr.read(), 5)).decode()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert code == ExitCode.OK, rest
+    assert f"The server ended the stream; resume with --after {created.cursor}" in rest
+
+
+async def test_redis_down_health_exits_1_and_calls_exit_3(server: Any, redis_server: Any) -> None:
+    redis_server.stop()
+    result = Result(-1, "", "")
+    for _ in range(40):  # health turns NOT_SERVING within ~2 s of losing Redis
+        result = await run_cli("health", *connect(server))
+        if result.out.strip() == "NOT_SERVING":
+            break
+        await asyncio.sleep(0.25)
+    assert result.out.strip() == "NOT_SERVING"
+    assert result.code == ExitCode.FAILED
+
+    result = await run_cli("-add", '{"id":1,"deployment_id":1,"message":"m"}', *connect(server))
+    assert result.code == ExitCode.UNAVAILABLE  # the server is there, its store is not: retry
+    assert "UNAVAILABLE" in assert_one_error_line(result)
