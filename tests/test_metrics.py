@@ -434,3 +434,80 @@ async def test_garbage_request_gets_400(registry: CollectorRegistry) -> None:
         assert raw.startswith(b"HTTP/1.1 400")
     finally:
         await server.stop()
+
+
+# --------------------------------------------------------------------------- the real service
+
+
+async def test_real_service_updates_its_metrics(app_factory: Any, stub_for: Any) -> None:
+    """Outcomes, followers, hub lag, overflows, Redis and the side port, on the real server."""
+    app = await app_factory(follower_queue=4)
+    registry = app.registry
+    stub = stub_for(app)
+    assert registry.get_sample_value("activity_redis_up") == 1
+    assert (await _http_get(app.metrics_port, "/readyz"))[0] == 200
+
+    # A follower on a small receive window, so its queue overflows under a burst.
+    slow = stub_for(app, options=[("grpc.http2.bdp_probe", 0)])
+    follow = slow.WatchEvents(pb.WatchEventsRequest(deployment_id=1, follow=True), timeout=60)
+    while not (await asyncio.wait_for(follow.read(), 5)).caught_up:
+        pass
+    assert registry.get_sample_value("activity_followers") == 1
+
+    await stub.CreateEvent(pb.EventRequest(id=1, deployment_id=1, message="a"), timeout=5)
+    await stub.CreateEvent(pb.EventRequest(id=1, deployment_id=1, message="a"), timeout=5)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.CreateEvent(pb.EventRequest(id=1, deployment_id=1, message="b"), timeout=5)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.CreateEvent(pb.EventRequest(id=1, deployment_id=0), timeout=5)
+    payload = "x" * 16384
+    for start in range(2, 402, 50):
+        batch = [
+            pb.EventRequest(id=i, deployment_id=1, message=f"{i} {payload}")
+            for i in range(start, start + 50)
+        ]
+        await stub.CreateEvents(pb.CreateEventsRequest(events=batch), timeout=10)
+    await stub.CreateEvents(
+        pb.CreateEventsRequest(events=[pb.EventRequest(id=-1, deployment_id=1)]), timeout=5
+    )
+    assert registry.get_sample_value("activity_events_appended_total") == 401
+    assert registry.get_sample_value("activity_events_duplicates_total") == 1
+    assert registry.get_sample_value("activity_events_conflicts_total") == 1
+    assert registry.get_sample_value("activity_events_invalid_total") == 2
+    assert registry.get_sample_value("activity_batch_size_events_count") == 9
+
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        for _ in range(500):
+            if await asyncio.wait_for(follow.read(), 10) is grpc.aio.EOF:
+                break
+    assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert await wait_for(lambda: registry.get_sample_value("activity_followers") == 0)
+    assert registry.get_sample_value("activity_follower_overflows_total") == 1
+    assert (registry.get_sample_value("activity_hub_lag_seconds_count") or 0) >= 1
+    assert (
+        registry.get_sample_value(
+            "activity_redis_command_duration_seconds_count", {"command": "PIPELINE"}
+        )
+        or 0
+    ) >= 1
+
+    deleted = await stub.DeleteDeployment(pb.DeleteDeploymentRequest(deployment_id=1), timeout=5)
+    assert registry.get_sample_value("activity_events_deleted_total") == deleted.deleted_events
+    assert deleted.deleted_events == 401
+
+    handled = {
+        "grpc_type": "unary",
+        "grpc_service": "activityevents.ActivityEvents",
+        "grpc_method": "CreateEvent",
+    }
+    assert (
+        registry.get_sample_value("grpc_server_handled_total", {**handled, "grpc_code": "OK"}) == 2
+    )
+    assert (
+        registry.get_sample_value(
+            "grpc_server_handled_total", {**handled, "grpc_code": "AlreadyExists"}
+        )
+        == 1
+    )
+    status, _, body = await _http_get(app.metrics_port, "/metrics")
+    assert status == 200 and b"activity_follower_overflows_total 1.0" in body
