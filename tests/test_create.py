@@ -248,3 +248,26 @@ async def test_create_events_over_max_batch(
 async def test_empty_batch_is_ok(stub: pb_grpc.ActivityEventsStub) -> None:
     response = await stub.CreateEvents(pb.CreateEventsRequest(), timeout=RPC_TIMEOUT)
     assert list(response.results) == []
+
+
+async def test_unicode_and_control_characters_round_trip(stub: pb_grpc.ActivityEventsStub) -> None:
+    text = "déploiement ✅ 部署 \x00 tab\t newline\n 🚀"
+    assert (await create(stub, 1, 1, text)).success
+    [stored] = await list_events(stub, 1)
+    assert stored.message == text
+    assert (await create(stub, 1, 1, text)).duplicate
+
+
+async def test_largest_id_and_exhausted_id_space(stub: pb_grpc.ActivityEventsStub) -> None:
+    largest = 2**31 - 1
+    assert (await create(stub, 1, largest, "last id")).id == largest
+    error = await status_of(create(stub, 1, 0, "no id left"))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "id" in (error.details() or "")
+    response = await stub.CreateEvents(
+        pb.CreateEventsRequest(events=[event(1, 0, "no id left either")]), timeout=RPC_TIMEOUT
+    )
+    [result] = response.results
+    assert result.outcome == INVALID and "id" in result.reason
+    # Explicit ids below the maximum are still accepted.
+    assert (await create(stub, 1, 5, "explicit")).success

@@ -7,6 +7,7 @@ import contextlib
 from typing import Any
 
 import grpc
+import pytest
 
 from activity_events.pb import activityevents_pb2 as pb
 from activity_events.pb import activityevents_pb2_grpc as pb_grpc
@@ -216,3 +217,91 @@ async def test_cancelled_followers_are_released(
         await again.until_count(1, LIVE_TIMEOUT)
     finally:
         again.cancel()
+
+
+async def test_followers_beyond_max_followers_are_refused(app_factory: Any, stub_for: Any) -> None:
+    stub = stub_for(await app_factory(max_followers=2))
+    first, second = Follower(stub, 1), Follower(stub, 2)
+    try:
+        await first.until_caught_up()
+        await second.until_caught_up()
+        third = Follower(stub, 3)
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await third.until_caught_up()
+            assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            third.cancel()
+        # History reads are not followers and still work.
+        assert await watch(stub, 1) == []
+        first.cancel()
+
+        async def admitted() -> bool:
+            again = Follower(stub, 4)
+            try:
+                await again.until_caught_up()
+            except grpc.aio.AioRpcError:
+                return False
+            finally:
+                again.cancel()
+            return True
+
+        await wait_until(admitted, 3, interval=0.1, message="a follower slot freed")
+    finally:
+        first.cancel()
+        second.cancel()
+
+
+async def test_server_stop_ends_followers_cleanly(app_factory: Any, stub_for: Any) -> None:
+    app = await app_factory()
+    stub = stub_for(app)
+    follower = Follower(stub, 1)
+    await follower.until_caught_up()
+    await create(stub, 1, 1)
+    await follower.until_count(1, LIVE_TIMEOUT)
+    stopping = asyncio.create_task(app.stop())
+    try:
+        for _ in range(10):
+            if await follower.read_one(LIVE_TIMEOUT) is None:
+                break
+        assert follower.ended, "the follow stream should end with OK on shutdown"
+    finally:
+        follower.cancel()
+        await asyncio.wait_for(stopping, 10)
+
+
+async def test_small_queue_follow_during_writes_never_gaps(app_factory: Any, stub_for: Any) -> None:
+    """Live events overflowing a small queue while history is read must not open a gap:
+    the follower either gets everything in order or is told where to resume."""
+    app = await app_factory(follower_queue=8, page_size=7)
+    stub = stub_for(app)
+    for start in range(1, 301, 100):
+        batch = [event(1, i) for i in range(start, start + 100)]
+        await stub.CreateEvents(pb.CreateEventsRequest(events=batch), timeout=RPC_TIMEOUT)
+
+    async def writer() -> None:
+        for i in range(301, 501):
+            await create(stub, 1, i)
+
+    task = asyncio.create_task(writer())
+    follower = Follower(stub, 1)
+    error: grpc.aio.AioRpcError | None = None
+    try:
+        try:
+            await follower.until_count(500, 30)
+        except grpc.aio.AioRpcError as raised:
+            error = raised
+        await asyncio.wait_for(task, 30)
+    finally:
+        follower.cancel()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+            await task
+    ids = [s.event.id for s in follower.events]
+    assert ids == list(range(1, len(ids) + 1)), "gap or repeat in the followed events"
+    if error is None:
+        assert len(ids) == 500
+    else:
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        last = follower.events[-1].cursor if follower.events else "none"
+        assert f"last cursor {last}" in (error.details() or "")
