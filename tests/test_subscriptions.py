@@ -493,6 +493,7 @@ async def test_unknown_and_foreign_acks_are_reported_and_the_stream_stays_up(
     await wait_until(lambda: len(b.ack_errors) == 3, DELIVERY_TIMEOUT, message="3 ack errors")
     assert [e.cursor for e in b.ack_errors] == [foreign, "25:1-0", "garbage"]
     assert all("INVALID_ARGUMENT" in e.reason for e in b.ack_errors)
+    assert all(e.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] for e in b.ack_errors)
     # The stream is still up: b's own ack works and it gets the next event.
     b.ack([b.events[0].cursor])
     await create_many(stub, 25, 3, 1)
@@ -661,3 +662,17 @@ async def test_consumers_on_two_replicas_share_one_group(
     assert sorted(got) == sorted(cursors) and len(got) == 400
     assert left.events and right.events
     await wait_until(lambda: _pending_is(channels[1], "shared", 0), DELIVERY_TIMEOUT)
+
+
+async def test_server_stop_ends_consumers_cleanly(
+    app_factory: Any, channel_factory: Any, consumers: Any
+) -> None:
+    app = await app_factory()
+    channel = channel_factory(app.port)
+    stub = pb_grpc.ActivityEventsStub(channel)
+    await create_many(stub, 27, 1, 3)
+    consumer = consumers(channel, subscription="stopping", deployment_id=27)
+    await consumer.until(3)
+    await asyncio.wait_for(app.stop(), RPC_TIMEOUT)
+    await asyncio.wait_for(consumer.ended.wait(), RPC_TIMEOUT)
+    assert consumer.error is None, "the stream ends with OK at shutdown"

@@ -251,7 +251,10 @@ class Consumer:
                 await self.ack(request.ack.cursors)
             elif kind == "open":
                 self.ack_errors.append(
-                    pb.AckError(reason="open: only the first message of a call may open")
+                    pb.AckError(
+                        reason="INVALID_ARGUMENT: open: only the first message of a call may open",
+                        code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                    )
                 )
             self.wake.set()
 
@@ -265,6 +268,7 @@ class Consumer:
                         cursor=cursor[:128],
                         reason="INVALID_ARGUMENT: cursor was not delivered to this consumer "
                         "or is already acknowledged",
+                        code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
                     )
                 )
             else:
@@ -351,8 +355,10 @@ class Consumer:
                 if self.ack_errors:
                     errors, self.ack_errors = self.ack_errors, []
                     yield pb.SubscribeResponse(ack_errors=errors).SerializeToString()
-                if out and self.free_slots(time.monotonic()) and self.dirty:
-                    continue  # more to read right away
+                if self.dirty and self.free_slots(time.monotonic()):
+                    # Streams that returned a full batch (or were not reached) have
+                    # more: read on at once. Each round drains or shrinks the set.
+                    continue
                 await self._sleep(min(next_claim, next_sweep, next_refresh))
         finally:
             follower.close()
