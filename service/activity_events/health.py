@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
@@ -28,9 +28,46 @@ BACKOFF_MAX = 5.0
 """Longest wait between pings while Redis is down."""
 
 
+class _HealthServicer(HealthServicer):  # type: ignore[misc]
+    """The standard aio health servicer, with a Watch that ends after it has
+    sent the final NOT_SERVING of a graceful shutdown.
+
+    The stock Watch never returns, so every client using gRPC client-side
+    health checking (which holds a Watch open) would make ``server.stop(grace)``
+    wait the whole grace period on every rollout. It is also an async
+    generator rather than ``context.write`` based, like every streaming
+    handler here, so interceptors see its messages.
+    """
+
+    async def Watch(  # type: ignore[override]
+        self, request: health_pb2.HealthCheckRequest, context: object
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        service = request.service
+        condition = self._server_watchers[service]
+        self._watcher_count_by_service[service] += 1
+        last = None
+        try:
+            async with condition:
+                while True:
+                    status = self._server_status.get(
+                        service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+                    )
+                    if status != last:
+                        yield health_pb2.HealthCheckResponse(status=status)
+                        last = status
+                    if self._gracefully_shutting_down:
+                        return
+                    await condition.wait()
+        finally:
+            self._watcher_count_by_service[service] -= 1
+            if self._watcher_count_by_service[service] == 0:
+                del self._server_watchers[service]
+                del self._watcher_count_by_service[service]
+
+
 class HealthMonitor:
     def __init__(self, store: EventStore, on_change: Callable[[bool], None] | None = None) -> None:
-        self.servicer = HealthServicer()
+        self.servicer = _HealthServicer()
         self._store = store
         self._on_change = on_change
         self._task: asyncio.Task[None] | None = None

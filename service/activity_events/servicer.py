@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from . import SERVICE_NAME, wire
 from .errors import (
@@ -66,6 +67,37 @@ _OUTCOMES = {
     Outcome.CONFLICT: pb.OUTCOME_CONFLICT,
     Outcome.EXHAUSTED: pb.OUTCOME_INVALID,
 }
+
+
+class Malformed:
+    """Stands in for a request whose bytes did not parse as its message type.
+
+    grpc reports an exception raised by a request deserializer as UNKNOWN;
+    parsing through :func:`parser` instead lets the handler answer
+    INVALID_ARGUMENT, which is what such a request is.
+    """
+
+    __slots__ = ("problem", "type_name")
+
+    def __init__(self, type_name: str, problem: str) -> None:
+        self.type_name = type_name
+        self.problem = problem
+
+    def error(self) -> InvalidArgument:
+        return InvalidArgument("request", f"is not a valid {self.type_name}: {self.problem}")
+
+
+def parser(message_type: Any) -> Any:
+    """A request deserializer that never raises: bad bytes become Malformed."""
+    name = message_type.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as error:
+            return Malformed(name, str(error).split(":")[-1].strip()[:120] or "undecodable")
+
+    return parse
 
 
 def status_of(error: ActivityError) -> grpc.StatusCode:
@@ -126,8 +158,13 @@ class ActivityEventsServicer:
     # -- error mapping -----------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _call(self, context: Context, *, limit: _Limit | None = None) -> AsyncIterator[None]:
+    async def _call(
+        self, context: Context, request: Any, *, limit: _Limit | None = None
+    ) -> AsyncIterator[None]:
+        """Map domain errors to statuses; refuse malformed requests and calls over a limit."""
         try:
+            if isinstance(request, Malformed):
+                raise request.error()
             if limit is None:
                 yield
             else:
@@ -141,7 +178,7 @@ class ActivityEventsServicer:
     # -- legacy RPCs ---------------------------------------------------------------
 
     async def CreateEvent(self, request: pb.EventRequest, context: Context) -> pb.EventResponse:
-        async with self._call(context, limit=self.unary_limit):
+        async with self._call(context, request, limit=self.unary_limit):
             try:
                 new = validate_new(request, max_message_bytes=self._settings.max_message_bytes)
             except InvalidArgument:
@@ -161,7 +198,7 @@ class ActivityEventsServicer:
         raise AssertionError("unreachable")  # abort() raised
 
     async def ListEvents(self, request: pb.Deployment, context: Context) -> AsyncIterator[bytes]:
-        async with self._call(context, limit=self.unary_limit):
+        async with self._call(context, request, limit=self.unary_limit):
             deployment = validate_deployment_id(request.id, field="id", allow_all=True)
             async for page in self._history(deployment, None):
                 for event in page:
@@ -172,7 +209,7 @@ class ActivityEventsServicer:
     async def CreateEvents(
         self, request: pb.CreateEventsRequest, context: Context
     ) -> pb.CreateEventsResponse:
-        async with self._call(context, limit=self.unary_limit):
+        async with self._call(context, request, limit=self.unary_limit):
             if len(request.events) > self._settings.max_batch:
                 raise InvalidArgument(
                     "events",
@@ -223,8 +260,8 @@ class ActivityEventsServicer:
     async def WatchEvents(
         self, request: pb.WatchEventsRequest, context: Context
     ) -> AsyncIterator[bytes]:
-        limit = self.follower_limit if request.follow else self.unary_limit
-        async with self._call(context, limit=limit):
+        limit = self.follower_limit if getattr(request, "follow", False) else self.unary_limit
+        async with self._call(context, request, limit=limit):
             deployment = validate_deployment_id(request.deployment_id, allow_all=True)
             if request.limit < 0:
                 raise InvalidArgument(
@@ -310,7 +347,7 @@ class ActivityEventsServicer:
     async def ListDeployments(
         self, request: pb.ListDeploymentsRequest, context: Context
     ) -> pb.ListDeploymentsResponse:
-        async with self._call(context, limit=self.unary_limit):
+        async with self._call(context, request, limit=self.unary_limit):
             size = request.page_size or DEFAULT_PAGE
             if not 0 < size <= MAX_PAGE:
                 raise InvalidArgument(
@@ -339,7 +376,7 @@ class ActivityEventsServicer:
     async def DeleteDeployment(
         self, request: pb.DeleteDeploymentRequest, context: Context
     ) -> pb.DeleteDeploymentResponse:
-        async with self._call(context, limit=self.unary_limit):
+        async with self._call(context, request, limit=self.unary_limit):
             deployment = validate_deployment_id(request.deployment_id, allow_all=False)
             removed = await self._store.delete(deployment)
             if self._metrics is not None:
@@ -385,32 +422,32 @@ def generic_handler(servicer: ActivityEventsServicer) -> grpc.GenericRpcHandler[
     handlers: dict[str, Any] = {
         "CreateEvent": grpc.unary_unary_rpc_method_handler(
             servicer.CreateEvent,
-            request_deserializer=pb.EventRequest.FromString,
+            request_deserializer=parser(pb.EventRequest),
             response_serializer=pb.EventResponse.SerializeToString,
         ),
         "ListEvents": grpc.unary_stream_rpc_method_handler(
             servicer.ListEvents,
-            request_deserializer=pb.Deployment.FromString,
+            request_deserializer=parser(pb.Deployment),
             response_serializer=wire.identity,
         ),
         "WatchEvents": grpc.unary_stream_rpc_method_handler(
             servicer.WatchEvents,
-            request_deserializer=pb.WatchEventsRequest.FromString,
+            request_deserializer=parser(pb.WatchEventsRequest),
             response_serializer=wire.identity,
         ),
         "CreateEvents": grpc.unary_unary_rpc_method_handler(
             servicer.CreateEvents,
-            request_deserializer=pb.CreateEventsRequest.FromString,
+            request_deserializer=parser(pb.CreateEventsRequest),
             response_serializer=pb.CreateEventsResponse.SerializeToString,
         ),
         "ListDeployments": grpc.unary_unary_rpc_method_handler(
             servicer.ListDeployments,
-            request_deserializer=pb.ListDeploymentsRequest.FromString,
+            request_deserializer=parser(pb.ListDeploymentsRequest),
             response_serializer=pb.ListDeploymentsResponse.SerializeToString,
         ),
         "DeleteDeployment": grpc.unary_unary_rpc_method_handler(
             servicer.DeleteDeployment,
-            request_deserializer=pb.DeleteDeploymentRequest.FromString,
+            request_deserializer=parser(pb.DeleteDeploymentRequest),
             response_serializer=pb.DeleteDeploymentResponse.SerializeToString,
         ),
     }

@@ -1,0 +1,74 @@
+"""Health: real status from Redis, Watch streams that follow it, and a shutdown
+that does not wait for open Watch streams."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from activity_events import SERVICE_NAME
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_watch_ends_after_final_not_serving_and_stop_is_prompt(
+    app_factory: Any, channel_factory: Any
+) -> None:
+    app = await app_factory(grace_seconds=8.0)
+    health = health_pb2_grpc.HealthStub(channel_factory(app.port))
+    watches = [
+        health.Watch(health_pb2.HealthCheckRequest(service=name)) for name in ("", SERVICE_NAME)
+    ]
+    for watch in watches:
+        first = await asyncio.wait_for(watch.read(), 5)
+        assert first.status == SERVING
+
+    started = time.monotonic()
+    await app.stop()
+    took = time.monotonic() - started
+    assert took < 3.0, f"stop waited {took:.1f}s for open health watches"
+
+    for watch in watches:
+        rest = []
+        while (message := await asyncio.wait_for(watch.read(), 5)) is not grpc.aio.EOF:
+            rest.append(message.status)
+        assert rest == [NOT_SERVING]
+        assert await watch.code() == grpc.StatusCode.OK
+
+
+async def test_check_reports_both_names(server: Any, channel_factory: Any) -> None:
+    health = health_pb2_grpc.HealthStub(channel_factory(server.port))
+    for name in ("", SERVICE_NAME):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+        assert reply.status == SERVING
+    try:
+        await health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
+    except grpc.aio.AioRpcError as error:
+        assert error.code() == grpc.StatusCode.NOT_FOUND
+    else:
+        raise AssertionError("unknown service must be NOT_FOUND")
+
+
+async def test_undecodable_request_is_invalid_argument(server: Any, channel_factory: Any) -> None:
+    channel = channel_factory(server.port)
+    for method in ("CreateEvent", "CreateEvents", "DeleteDeployment", "ListDeployments"):
+        call = channel.unary_unary(f"/{SERVICE_NAME}/{method}")
+        try:
+            await call(b"\x12\x02\xff\xfe\x0a\x05abc", timeout=5)  # bad UTF-8, truncated field
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, error.details())
+            assert "request: is not a valid activityevents." in (error.details() or "")
+        else:
+            raise AssertionError(f"{method} accepted garbage")
+    stream = channel.unary_stream(f"/{SERVICE_NAME}/WatchEvents")
+    call = stream(b"\x12\x03\xc3\x28\x00", timeout=5)
+    try:
+        async for _ in call:
+            raise AssertionError("no message expected")
+    except grpc.aio.AioRpcError as error:
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
