@@ -161,9 +161,10 @@ class ConsulSettingsSource(PydanticBaseSettingsSource):
         return field.get_default(call_default_factory=True)
 
     def _field_for(self, key: str) -> str | None:
+        """The setting a KV key names (``PORT``, ``redis-url``...), ``None`` for no setting."""
         name = key.strip().lower().replace("-", "_")
         name = name.removeprefix("activity_")
-        return name if name in self._keys else None
+        return name if name in self._keys or name in CONSUL_FIELDS else None
 
     def __call__(self) -> dict[str, Any]:
         prefix = str(self._setting("consul_prefix") or "").strip("/")
@@ -189,6 +190,11 @@ class ConsulSettingsSource(PydanticBaseSettingsSource):
             name = self._field_for(key)
             if name is None:
                 unknown.append(key)
+                continue
+            if name in CONSUL_FIELDS:
+                logger.warning(
+                    "Consul key %s ignored: where Consul is comes from the environment", key
+                )
                 continue
             model_name, field = self._keys[name]
             data[model_name] = self.prepare_field_value(name, field, value, False)
