@@ -144,3 +144,36 @@ async def test_delete_twice_is_not_found(stub: pb_grpc.ActivityEventsStub) -> No
         stub.DeleteDeployment(pb.DeleteDeploymentRequest(deployment_id=5), timeout=RPC_TIMEOUT)
     )
     assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_page_token_continues_after_concurrent_inserts(
+    stub: pb_grpc.ActivityEventsStub,
+) -> None:
+    await create_deployments(stub, range(10, 30, 2))  # 10, 12, ... 28
+    first = await list_page(stub, page_size=4)
+    assert [d.id for d in first.deployments] == [10, 12, 14, 16]
+    # New deployments before and after the page boundary while a client pages.
+    await create_deployments(stub, range(1, 3))
+    await create_deployments(stub, range(17, 18))
+    rest: list[int] = []
+    token = first.next_page_token
+    for _ in range(10):
+        page = await list_page(stub, page_size=4, page_token=token)
+        rest.extend(d.id for d in page.deployments)
+        token = page.next_page_token
+        if not token:
+            break
+    assert rest == [17, 18, 20, 22, 24, 26, 28]
+
+
+async def test_largest_deployment_id(stub: pb_grpc.ActivityEventsStub) -> None:
+    largest = 2**31 - 1
+    response = await create(stub, largest, 1)
+    assert response.cursor.startswith(f"{largest}:")
+    assert [s.event.deployment_id for s in await watch(stub, largest)] == [largest]
+    page = await list_page(stub)
+    assert [d.id for d in page.deployments] == [largest]
+    deleted = await stub.DeleteDeployment(
+        pb.DeleteDeploymentRequest(deployment_id=largest), timeout=RPC_TIMEOUT
+    )
+    assert deleted.deleted_events == 1

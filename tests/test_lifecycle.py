@@ -417,3 +417,41 @@ async def test_embedded_redis_serves_and_persists(
             with contextlib.suppress(psutil.NoSuchProcess):
                 if child.is_running():
                     child.kill()
+
+
+@pytest.mark.slow
+async def test_follower_across_redis_restart_has_no_gap(
+    app_factory: Any,
+    channel_factory: Callable[..., grpc.aio.Channel],
+    redis_server: RedisProcess,
+) -> None:
+    """A follower open while Redis restarts either keeps going without a gap or ends
+    with UNAVAILABLE naming its last cursor; it never hangs or skips events."""
+    app = await app_factory(redis_timeout_seconds=1.0)
+    channel = channel_factory(app.port)
+    stub = pb_grpc.ActivityEventsStub(channel)
+    follower = Follower(stub, 1)
+    try:
+        await follower.until_caught_up()
+        for i in (1, 2, 3):
+            await create(stub, 1, i)
+        await follower.until_count(3, 5)
+        redis_server.kill()
+        await asyncio.sleep(0.5)
+        redis_server.start()
+
+        async def serving() -> bool:
+            return await health(channel) == SERVING
+
+        await wait_until(serving, 10, interval=0.1, message="SERVING after Redis restart")
+        for i in (4, 5, 6):
+            await create(stub, 1, i)
+        try:
+            await follower.until_count(6, 10)
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+            assert f"last cursor {follower.events[-1].cursor}" in (error.details() or "")
+        ids = [s.event.id for s in follower.events]
+        assert ids == list(range(1, len(ids) + 1))
+    finally:
+        follower.cancel()
