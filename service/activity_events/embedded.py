@@ -81,8 +81,9 @@ class EmbeddedRedis:
         deadline = loop.time() + START_TIMEOUT
         while not self.socket.exists():
             if self.process.poll() is not None:
+                log = self.data_dir / "redis.log"
                 raise RuntimeError(
-                    f"embedded redis-server exited with {self.process.returncode}; see {self.data_dir / 'redis.log'}"
+                    f"embedded redis-server exited with {self.process.returncode}; see {log}"
                 )
             if loop.time() > deadline:
                 await self.stop()

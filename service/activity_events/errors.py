@@ -51,5 +51,9 @@ class StoreUnavailable(ActivityError):
     """Redis could not be reached or answered in time; the call may be retried."""
 
 
+class NotReplicated(StoreUnavailable):
+    """The write reached the primary but not enough replicas in time (Redis WAIT)."""
+
+
 class ShuttingDown(StoreUnavailable):
     """The server is draining; retry on another replica."""

@@ -160,6 +160,18 @@ class Settings(BaseSettings):
         1.0, gt=0, description="Per-command timeout; calls fail with UNAVAILABLE past it."
     )
     redis_connect_timeout_seconds: float = Field(1.0, gt=0, description="Connect timeout.")
+    redis_wait_replicas: int = Field(
+        0,
+        ge=0,
+        description="Acknowledge a create only once this many replicas have it (Redis WAIT), "
+        "so a failover loses no acknowledged event; 0 answers once the primary has it.",
+    )
+    redis_wait_timeout_ms: int = Field(
+        500,
+        gt=0,
+        description="Longest WAIT for replica acknowledgements; short of them the call "
+        "fails UNAVAILABLE (a retry is deduplicated).",
+    )
     data_dir: Path = Field(
         default_factory=_default_data_dir,
         description="Where the embedded Redis keeps its data (only without redis_url).",

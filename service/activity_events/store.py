@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
 from . import keys
-from .errors import InvalidArgument, NotFound, OutOfRange, StoreUnavailable
+from .errors import InvalidArgument, NotFound, NotReplicated, OutOfRange, StoreUnavailable
 from .events import Cursor, NewEvent, StoredEvent
 from .settings import Settings
 
@@ -119,6 +119,8 @@ class EventStore:
         # and Cluster pools refuse rather than wait), so callers queue here,
         # within their timeout, instead of failing or opening connections.
         self._slots = asyncio.Semaphore(settings.redis_max_connections)
+        # WAIT is per node; on Cluster the pipeline spans nodes, so it is not offered there.
+        self._wait_replicas = 0 if cluster else settings.redis_wait_replicas
         self._timeout = settings.redis_timeout_seconds
         self._append = LuaScript("append.lua")
         self._delete = LuaScript("delete.lua")
@@ -267,9 +269,24 @@ class EventStore:
                 pipe.execute_command(
                     "EVALSHA", self._append.sha, 3, *keys.deployment_keys(calls[i][0]), *argv[i]
                 )
+            if self._wait_replicas:
+                # Same connection as the writes: WAIT counts replicas that have them.
+                pipe.execute_command(
+                    "WAIT", self._wait_replicas, self._settings.redis_wait_timeout_ms
+                )
             out = await pipe.execute(raise_on_error=False)
             if unindexed:
                 out = out[1:]
+            if self._wait_replicas:
+                acked, out = out[-1], out[:-1]
+                if isinstance(acked, Exception):
+                    raise acked
+                if int(acked) < self._wait_replicas:
+                    raise NotReplicated(
+                        f"only {acked} of {self._wait_replicas} replicas acknowledged the write "
+                        f"within {self._settings.redis_wait_timeout_ms} ms; "
+                        "retry (it is deduplicated)"
+                    )
             missing = []
             for i, reply in zip(pending, out, strict=True):
                 if isinstance(reply, rexc.NoScriptError):

@@ -1,0 +1,111 @@
+"""A Sentinel-managed primary/replica pair on loopback, for failover tests."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from tests.support.ports import free_port
+from tests.support.redis_process import RedisProcess, ping, redis_server_binary
+
+MASTER = "mymaster"
+READY_TIMEOUT = 20.0
+
+
+class SentinelSet:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.primary = RedisProcess(
+            directory / "primary", options=("--save", "", "--appendonly", "yes")
+        )
+        self.replica = RedisProcess(
+            directory / "replica",
+            options=(
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--replicaof",
+                "127.0.0.1",
+                str(self.primary.port),
+            ),
+        )
+        self.sentinel_port = free_port()
+        self._sentinel: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.sentinel_port}/{MASTER}"
+
+    def start(self) -> SentinelSet:
+        self.primary.start()
+        self.replica.start()
+        self._wait(self._replica_synced, "replica in sync")
+        config = self.directory / "sentinel.conf"
+        config.write_text(
+            f"port {self.sentinel_port}\n"
+            "bind 127.0.0.1\n"
+            f"dir {self.directory}\n"
+            f"sentinel monitor {MASTER} 127.0.0.1 {self.primary.port} 1\n"
+            f"sentinel down-after-milliseconds {MASTER} 1000\n"
+            f"sentinel failover-timeout {MASTER} 4000\n"
+            f"sentinel parallel-syncs {MASTER} 1\n"
+        )
+        self._sentinel = subprocess.Popen(
+            [
+                redis_server_binary(),
+                str(config),
+                "--sentinel",
+                "--logfile",
+                str(self.directory / "sentinel.log"),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self._wait(lambda: ping(self.sentinel_port), "sentinel up")
+        self._wait(lambda: self.master_port() == self.primary.port, "sentinel knows the primary")
+        return self
+
+    def _replica_synced(self) -> bool:
+        info = redis.Redis(port=self.replica.port, socket_timeout=2).info("replication")
+        return info.get("master_link_status") == "up"
+
+    def master_port(self) -> int | None:
+        try:
+            client = redis.Redis(port=self.sentinel_port, socket_timeout=2)
+            address = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER)
+        except redis.RedisError:
+            return None
+        return int(address[1]) if address else None
+
+    def _wait(self, check: object, what: str, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if check():  # type: ignore[operator]
+                    return
+            except redis.RedisError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"{what} not reached within {timeout}s")
+
+    def wait_failover(self, timeout: float = 30.0) -> None:
+        self._wait(
+            lambda: self.master_port() == self.replica.port, "failover to the replica", timeout
+        )
+
+    def stop(self) -> None:
+        if self._sentinel is not None and self._sentinel.poll() is None:
+            self._sentinel.send_signal(signal.SIGTERM)
+            try:
+                self._sentinel.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._sentinel.kill()
+                self._sentinel.wait(timeout=5)
+        self.replica.stop()
+        self.primary.stop()
