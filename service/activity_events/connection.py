@@ -46,6 +46,10 @@ SCHEMES = {
 """URL scheme -> deployment shape."""
 
 
+CLIENT_NAME = "activity-events"
+"""CLIENT SETNAME of every connection the service opens."""
+
+
 @dataclass(frozen=True)
 class Target:
     """A parsed ACTIVITY_REDIS_URL."""
@@ -105,6 +109,8 @@ def parse(url: str) -> Target:
 
 def _common(settings: Settings, target: Target, socket_timeout: float) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
+        # Named so operators (and tests) can tell our connections apart in CLIENT LIST.
+        "client_name": CLIENT_NAME,
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": settings.redis_connect_timeout_seconds,
         "retry": Retry(NoBackoff(), 1),
