@@ -676,3 +676,73 @@ async def test_server_stop_ends_consumers_cleanly(
     await asyncio.wait_for(app.stop(), RPC_TIMEOUT)
     await asyncio.wait_for(consumer.ended.wait(), RPC_TIMEOUT)
     assert consumer.error is None, "the stream ends with OK at shutdown"
+
+
+async def test_open_on_another_deployment_is_refused(
+    server: Any, channel: grpc.aio.Channel, consumers: Any
+) -> None:
+    first = consumers(channel, subscription="pinned", deployment_id=28)
+    await first.until_open()
+    other = consumers(channel, subscription="pinned", deployment_id=29)
+    await asyncio.wait_for(other.ended.wait(), RPC_TIMEOUT)
+    assert other.error is not None
+    assert other.error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "deployment_id" in (other.error.details() or "")
+
+
+async def test_settings_given_at_open_update_the_subscription(
+    server: Any, channel: grpc.aio.Channel, consumers: Any
+) -> None:
+    first = consumers(channel, subscription="tunable", deployment_id=30)
+    opened = await first.until_open()
+    assert (opened.subscription.visibility_timeout_ms, opened.subscription.max_deliveries) == (
+        30_000,
+        5,
+    )
+    assert opened.consumer.startswith("consumer-"), "an empty consumer name gets one"
+    second = consumers(channel, subscription="tunable", deployment_id=30, consumer="b",
+                       visibility_timeout_ms=500, max_deliveries=2)  # fmt: skip
+    opened = await second.until_open()
+    assert (opened.subscription.visibility_timeout_ms, opened.subscription.max_deliveries) == (
+        500,
+        2,
+    )
+    info = await subscription(channel, "tunable")
+    assert (info.visibility_timeout_ms, info.max_deliveries) == (500, 2)
+
+
+async def test_all_deployments_dead_letters_filter_and_replay_by_deployment(
+    server: Any, channel: grpc.aio.Channel, stub: pb_grpc.ActivityEventsStub, consumers: Any
+) -> None:
+    for d in (31, 32):
+        await create_many(stub, d, 1, 2)
+    consumer = consumers(channel, subscription="wide", deployment_id=0,
+                         visibility_timeout_ms=100, max_deliveries=1, auto_ack=True,
+                         never_ack=frozenset({2}))  # fmt: skip
+    subs = subs_stub(channel)
+
+    async def dead(deployment: int = 0) -> list[pb.DeadLetter]:
+        request = pb.ListDeadLettersRequest(subscription="wide", deployment_id=deployment)
+        return list((await subs.ListDeadLetters(request, timeout=RPC_TIMEOUT)).dead_letters)
+
+    await wait_until(lambda: _length_is(dead(), 2), DELIVERY_TIMEOUT, message="2 dead letters")
+    assert sorted((d.event.event.deployment_id, d.event.event.id) for d in await dead()) == [
+        (31, 2),
+        (32, 2),
+    ]
+    assert [d.event.event.deployment_id for d in await dead(32)] == [32]
+    consumer.never_ack = frozenset()
+    replayed = await subs.ReplayDeadLetters(
+        pb.ReplayDeadLettersRequest(subscription="wide", deployment_id=32), timeout=RPC_TIMEOUT
+    )
+    assert replayed.replayed == 1
+    await consumer.until(5)
+    assert (consumer.events[4].event.deployment_id, consumer.events[4].event.id) == (32, 2)
+    await wait_until(lambda: _length_is(dead(), 1), DELIVERY_TIMEOUT)
+    await wait_until(lambda: _pending_is(channel, "wide", 0), DELIVERY_TIMEOUT)
+    error = await status_of(subs.ListDeadLetters(pb.ListDeadLettersRequest(subscription="unknown")))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def _length_is(awaitable: Any, expected: int) -> bool:
+    return len(await awaitable) == expected

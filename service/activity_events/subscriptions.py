@@ -404,9 +404,11 @@ class SubscriptionStore:
         for key, reply in zip(sources, replies, strict=True):
             if isinstance(reply, Exception):
                 if _is(reply, "NOGROUP"):
+                    # An events stream without the group yet: create it and read
+                    # again. A replay stream without it was deleted: forget it.
                     if key == keys.events(keys.deployment_of(key)):
                         missing.append(keys.deployment_of(key))
-                    more.add(key)
+                        more.add(key)
                     continue
                 raise StoreUnavailable(f"redis refused XREADGROUP: {reply}")
             rows = reply[0][1] if reply else []
