@@ -1,0 +1,67 @@
+"""Store behaviour below the API: scripts survive a flush, concurrent creates
+coalesce without mixing up their answers, and bounded waits."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import redis.asyncio as redis_asyncio
+
+from activity_events import keys
+from activity_events.pb import activityevents_pb2 as pb
+from tests.support.streams import create, event, list_events
+
+
+async def test_scripts_are_reloaded_after_noscript(
+    server: Any, stub: Any, redis_client: redis_asyncio.Redis
+) -> None:
+    await create(stub, 1, 1, "before")
+    await redis_client.script_flush()
+    again = await create(stub, 1, 2, "after the flush")
+    assert again.success and not again.duplicate
+    await redis_client.script_flush()
+    batch = await stub.CreateEvents(
+        pb.CreateEventsRequest(events=[event(1, 3), event(2, 1)]), timeout=10
+    )
+    assert [r.outcome for r in batch.results] == [pb.OUTCOME_CREATED, pb.OUTCOME_CREATED]
+    await redis_client.script_flush()
+    deleted = await stub.DeleteDeployment(pb.DeleteDeploymentRequest(deployment_id=2), timeout=10)
+    assert deleted.deleted_events == 1
+    assert [e.id for e in await list_events(stub, 1)] == [1, 2, 3]
+
+
+async def test_coalesced_creates_each_get_their_own_answer(
+    server: Any, stub: Any, redis_client: redis_asyncio.Redis
+) -> None:
+    """Many concurrent creates over several deployments, some duplicates and
+    conflicts among them, go to Redis together; each caller gets its own result."""
+    calls = [
+        (deployment, event_id, "odd one" if copy == 4 else f"e{event_id}")
+        for copy in range(5)  # five calls per (deployment, id), one with another message
+        for deployment in range(1, 6)
+        for event_id in range(1, 21)
+    ]
+    results = await asyncio.gather(
+        *(create(stub, d, i, m) for d, i, m in calls), return_exceptions=True
+    )
+    created: dict[tuple[int, int], str] = {}
+    conflicts = 0
+    for (d, i, m), result in zip(calls, results, strict=True):
+        if isinstance(result, BaseException):
+            assert "already exists" in str(result)
+            conflicts += 1
+            continue
+        assert result.id == i
+        assert result.cursor.startswith(f"{d}:")
+        if not result.duplicate:
+            assert (d, i) not in created
+            created[(d, i)] = m
+    assert len(created) == 100
+    assert conflicts >= 100  # per pair, whichever message came second is refused
+    for d in range(1, 6):
+        stored = await list_events(stub, d)
+        assert sorted((e.id, e.message) for e in stored) == sorted(
+            (i, m) for (dd, i), m in created.items() if dd == d
+        )
+        assert await redis_client.xlen(keys.events(d)) == len(stored)
