@@ -34,6 +34,7 @@ from .errors import (
 )
 from .events import Cursor, StoredEvent, validate_deployment_id, validate_new
 from .hub import ALL, Hub, Subscription, last_cursor
+from .keys import EVENT_FIELD
 from .metrics import ServiceMetrics
 from .pb import activityevents_pb2 as pb
 from .settings import Settings
@@ -200,9 +201,14 @@ class ActivityEventsServicer:
     async def ListEvents(self, request: pb.Deployment, context: Context) -> AsyncIterator[bytes]:
         async with self._call(context, request, limit=self.unary_limit):
             deployment = validate_deployment_id(request.id, field="id", allow_all=True)
-            async for page in self._history(deployment, None):
-                for event in page:
-                    yield event.payload
+            if deployment == ALL:
+                async for page in self._store.history_all(None):
+                    for event in page:
+                        yield event.payload
+            else:
+                async for rows in self._store.history_rows(deployment, None):
+                    for _, fields in rows:
+                        yield fields[EVENT_FIELD]
 
     # -- new RPCs ------------------------------------------------------------------
 
@@ -309,12 +315,26 @@ class ActivityEventsServicer:
             return out
 
         position = after
+        prefix = f"{deployment}:".encode()
         for _ in range(MAX_CATCHUPS):
-            async for page in self._history(deployment, position):
-                for message in wire.watch_responses(fresh(page), MAX_RESPONSE_BYTES):
-                    yield message
-                if remaining == 0:
-                    return
+            if deployment == ALL:
+                async for merged in self._store.history_all(position):
+                    for message in wire.watch_responses(fresh(merged), MAX_RESPONSE_BYTES):
+                        yield message
+                    if remaining == 0:
+                        return
+            else:
+                # One deployment: pages are strictly after `position` and in
+                # order, so they go out as raw bytes with no per-event filtering.
+                async for page in self._store.history_rows(deployment, position):
+                    rows = page if remaining is None else page[:remaining]
+                    if remaining is not None:
+                        remaining -= len(rows)
+                    seen[deployment] = Cursor.from_entry(deployment, rows[-1][0])
+                    for message in wire.watch_responses_raw(prefix, rows, MAX_RESPONSE_BYTES):
+                        yield message
+                    if remaining == 0:
+                        return
             if sub is None:
                 return
             if not sub.lagged:
@@ -333,16 +353,6 @@ class ActivityEventsServicer:
                 yield message
             if remaining == 0:
                 return
-
-    async def _history(
-        self, deployment: int, after: Cursor | None
-    ) -> AsyncIterator[list[StoredEvent]]:
-        if deployment == ALL:
-            pages = self._store.history_all(after)
-        else:
-            pages = self._store.history(deployment, after)
-        async for page in pages:
-            yield page
 
     async def ListDeployments(
         self, request: pb.ListDeploymentsRequest, context: Context

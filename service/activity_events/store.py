@@ -60,6 +60,10 @@ def _load(name: str) -> str:
     return resources.files(__package__).joinpath("scripts", name).read_text()
 
 
+Row = tuple[bytes, dict[bytes, bytes]]
+"""A stream entry as redis-py returns it: (entry id, fields)."""
+
+
 class LuaScript:
     """A Lua script run by SHA, loaded again transparently after NOSCRIPT
     (Redis restart, failover, SCRIPT FLUSH)."""
@@ -326,15 +330,37 @@ class EventStore:
 
     # -- reads -----------------------------------------------------------------
 
-    async def read_page(
+    async def read_rows(
         self, deployment_id: int, after: Cursor | None, count: int, *, inclusive: bool = False
-    ) -> list[StoredEvent]:
-        """Up to ``count`` events of one deployment after ``after`` (from the start if None)."""
+    ) -> list[Row]:
+        """Up to ``count`` raw stream entries of one deployment after ``after``
+        (from the start if None): the replay path turns them into wire bytes
+        without building an object per event."""
         start = "-" if after is None else after.entry_id if inclusive else "(" + after.entry_id
         rows: Any = await self._bounded(
             self._redis.xrange(keys.events(deployment_id), start, "+", count=count)
         )
+        return list(rows)
+
+    async def read_page(
+        self, deployment_id: int, after: Cursor | None, count: int, *, inclusive: bool = False
+    ) -> list[StoredEvent]:
+        """Up to ``count`` events of one deployment after ``after`` (from the start if None)."""
+        rows = await self.read_rows(deployment_id, after, count, inclusive=inclusive)
         return [_stored(deployment_id, entry, fields) for entry, fields in rows]
+
+    async def history_rows(
+        self, deployment_id: int, after: Cursor | None
+    ) -> AsyncIterator[list[Row]]:
+        """Pages of one deployment's raw entries, oldest first, to the end of the stream."""
+        page = self._settings.page_size
+        while True:
+            rows = await self.read_rows(deployment_id, after, page)
+            if rows:
+                yield rows
+                after = Cursor.from_entry(deployment_id, rows[-1][0])
+            if len(rows) < page:
+                return
 
     async def check_cursor(self, cursor: Cursor) -> None:
         """OutOfRange when events after ``cursor`` were removed by retention."""

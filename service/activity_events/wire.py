@@ -15,19 +15,28 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 
 from .events import StoredEvent
+from .keys import EVENT_FIELD
 
 _TAG_1_LEN = b"\x0a"  # field 1, wire type 2 (length-delimited)
 _TAG_2_LEN = b"\x12"  # field 2, wire type 2
 CAUGHT_UP = b"\x10\x01"  # WatchEventsResponse{caught_up: true}
 
 
-def varint(n: int) -> bytes:
+def _varint(n: int) -> bytes:
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+_SMALL = [_varint(n) for n in range(1 << 14)]
+"""Varints of every length below 16 KiB, precomputed: the replay path needs two per event."""
+
+
+def varint(n: int) -> bytes:
+    return _SMALL[n] if n < 16384 else _varint(n)
 
 
 def stored_event(event: StoredEvent) -> bytes:
@@ -60,6 +69,30 @@ def watch_responses(events: Sequence[StoredEvent], max_bytes: int) -> Iterator[b
     size = 0
     for event in events:
         body = stored_event(event)
+        piece = _TAG_1_LEN + varint(len(body)) + body
+        if parts and size + len(piece) > max_bytes:
+            yield b"".join(parts)
+            parts, size = [], 0
+        parts.append(piece)
+        size += len(piece)
+    if parts:
+        yield b"".join(parts)
+
+
+def watch_responses_raw(
+    prefix: bytes, rows: Sequence[tuple[bytes, dict[bytes, bytes]]], max_bytes: int
+) -> Iterator[bytes]:
+    """:func:`watch_responses` straight from stream entries of one deployment:
+    ``prefix`` is ``b"<deployment>:"`` and each entry's id completes its cursor.
+    The replay hot path: a few byte joins per event, no objects."""
+    parts: list[bytes] = []
+    size = 0
+    for entry, fields in rows:
+        payload = fields[EVENT_FIELD]
+        cursor = prefix + entry
+        body = b"".join(
+            (_TAG_1_LEN, varint(len(payload)), payload, _TAG_2_LEN, varint(len(cursor)), cursor)
+        )
         piece = _TAG_1_LEN + varint(len(body)) + body
         if parts and size + len(piece) > max_bytes:
             yield b"".join(parts)
