@@ -25,11 +25,13 @@ from typing import Any
 
 import pytest
 
-from activity_events.cli.arguments import split_command
+from activity_events.cli.arguments import deployments_parser, split_command
 from activity_events.cli.connection import (
     ROUND_ROBIN_CONFIG,
+    Connection,
     build_target,
     channel_options,
+    options_from_args,
     trace_metadata,
 )
 from activity_events.cli.errors import ExitCode
@@ -50,6 +52,7 @@ from activity_events.cli.progress import ProgressBar, render
 from activity_events.cli.transfer import ImportSummary
 from activity_events.pb import activityevents_pb2 as pb
 from tests.support.ports import free_port
+from tests.support_reliability import Authority
 
 CLI = [sys.executable, "-m", "activity_events.client"]
 
@@ -91,15 +94,23 @@ def child_env() -> dict[str, str]:
     return env
 
 
-async def run_cli(*args: str, stdin: bytes | None = None, timeout: float = RUN_TIMEOUT) -> Result:
-    """Run the CLI to completion with piped stdin/stdout/stderr (never blocks the loop)."""
+async def run_cli(
+    *args: str,
+    stdin: bytes | None = None,
+    timeout: float = RUN_TIMEOUT,
+    env: dict[str, str] | None = None,
+) -> Result:
+    """Run the CLI to completion with piped stdin/stdout/stderr (never blocks the loop).
+
+    ``env`` adds variables to the child's environment.
+    """
     process = await asyncio.create_subprocess_exec(
         *CLI,
         *args,
         stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=child_env(),
+        env={**child_env(), **(env or {})},
     )
     try:
         out, err = await asyncio.wait_for(process.communicate(stdin), timeout)
@@ -1001,3 +1012,195 @@ async def test_redis_down_health_exits_1_and_calls_exit_3(server: Any, redis_ser
     result = await run_cli("-add", '{"id":1,"deployment_id":1,"message":"m"}', *connect(server))
     assert result.code == ExitCode.UNAVAILABLE  # the server is there, its store is not: retry
     assert "UNAVAILABLE" in assert_one_error_line(result)
+
+
+# --------------------------------------------------------------------------- tokens and TLS
+
+READER_TOKEN = "reader-token-0123456789abcdef"
+WRITER_TOKEN = "writer-token-0123456789abcdef"
+ADMIN_TOKEN = "admin-token-0123456789abcdef"
+
+
+def write_tokens(directory: Path) -> Path:
+    path = directory / "tokens"
+    path.write_text(
+        f"reader {READER_TOKEN} dashboard\nwriter {WRITER_TOKEN} pipeline\nadmin {ADMIN_TOKEN}\n"
+    )
+    return path
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> dict[str, Path]:
+    """A CA with server and client certificates, and a stranger CA."""
+    ca = Authority(tmp_path / "ca", "test-ca")
+    stranger = Authority(tmp_path / "stranger", "stranger-ca")
+    server_cert, server_key = ca.issue("server", server=True)
+    client_cert, client_key = ca.issue("client", server=False)
+    return {
+        "ca": ca.cert_file,
+        "server_cert": server_cert,
+        "server_key": server_key,
+        "client_cert": client_cert,
+        "client_key": client_key,
+        "stranger_ca": stranger.cert_file,
+    }
+
+
+def test_security_flags_may_precede_the_command() -> None:
+    assert split_command(["--tls", "health"]) == ("health", ["--tls"])
+    assert split_command(["--cacert", "ca.pem", "--token-file=t", "deployments", "--json"]) == (
+        "deployments",
+        ["--json", "--cacert", "ca.pem", "--token-file=t"],
+    )
+
+
+def test_options_read_files_and_never_show_the_token(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(f"  {READER_TOKEN}  \nignored second line\n")
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(b"PEM")
+    args = deployments_parser().parse_args(["--token-file", str(token_file), "--cacert", str(ca)])
+    options = options_from_args(args, environ={})
+    assert options.token == READER_TOKEN
+    assert options.secure and options.root_certificates == b"PEM"
+    assert READER_TOKEN not in repr(options)
+    # --token wins over nothing, the environment is the fallback, --tls alone uses system roots.
+    env_options = options_from_args(
+        deployments_parser().parse_args(["--tls"]), environ={"ACTIVITY_TOKEN": WRITER_TOKEN}
+    )
+    assert env_options.token == WRITER_TOKEN and env_options.secure
+    assert env_options.root_certificates is None
+    plain = options_from_args(deployments_parser().parse_args([]), environ={"ACTIVITY_TLS": "1"})
+    assert plain.secure and plain.token == ""
+    connection = Connection(env_options)
+    try:
+        assert ("authorization", f"Bearer {WRITER_TOKEN}") in connection.metadata()
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--cert", "c.pem"], "--cert and --key go together"),
+        (["--key", "k.pem"], "--cert and --key go together"),
+        (["--cacert", "/no/such/ca.pem"], "cannot read --cacert /no/such/ca.pem: No such file"),
+        (["--token", "x" * 20, "--token-file", "/etc/hostname"], "--token or --token-file"),
+        (["--token-file", "/no/such/token"], "cannot read --token-file"),
+        (["--token", "two words"], "spaces or non-printable"),
+    ],
+)
+async def test_bad_security_flags_exit_2(args: list[str], fragment: str) -> None:
+    for command in (["deployments"], ["health"], ["-deployment", "1"]):
+        result = await run_cli(*command, *args, "--port", "1")
+        assert result.code == ExitCode.USAGE, (command, result.err)
+        line = assert_one_error_line(result)
+        assert fragment in line
+        assert "two words" not in line
+
+
+async def test_tokens_are_sent_and_refusals_exit_77(app_factory: Any, tmp_path: Path) -> None:
+    app = await app_factory(auth_tokens_file=write_tokens(tmp_path))
+    port = ["--port", str(app.port)]
+    event = '{"id": 1, "deployment_id": 5, "message": "with a token"}'
+
+    missing = await run_cli("-add", event, *port)
+    assert missing.code == ExitCode.NOT_ALLOWED
+    assert "UNAUTHENTICATED" in assert_one_error_line(missing)
+
+    unknown_token = "not-a-known-token-at-all-1234"
+    unknown = await run_cli("deployments", *port, "--token", unknown_token)
+    assert unknown.code == ExitCode.NOT_ALLOWED
+    line = assert_one_error_line(unknown)
+    assert "UNAUTHENTICATED" in line and "unknown bearer token" in line
+    assert unknown_token not in unknown.err + unknown.out
+
+    added = await run_cli("-add", event, *port, env={"ACTIVITY_TOKEN": WRITER_TOKEN})
+    assert added.code == ExitCode.OK, added.err
+    assert CREATED.match(added.err_lines[0])
+
+    wrong_role = await run_cli("deployments", *port, env={"ACTIVITY_TOKEN": WRITER_TOKEN})
+    assert wrong_role.code == ExitCode.NOT_ALLOWED
+    assert "PERMISSION_DENIED" in assert_one_error_line(wrong_role)
+    assert WRITER_TOKEN not in wrong_role.err
+
+    token_file = tmp_path / "reader-token"
+    token_file.write_text(READER_TOKEN + "\n")
+    listed = await run_cli("deployments", "--json", *port, "--token-file", str(token_file))
+    assert listed.code == ExitCode.OK, listed.err
+    assert [json.loads(line)["id"] for line in listed.out_lines] == [5]
+    watched = await run_cli("-deployment", "5", "--json", *port, "-token", READER_TOKEN)
+    assert watched.code == ExitCode.OK, watched.err
+    assert json.loads(watched.out_lines[0])["message"] == "with a token"
+
+    denied = await run_cli("delete", "--deployment", "5", "--yes", *port, "--token", READER_TOKEN)
+    assert denied.code == ExitCode.NOT_ALLOWED
+    assert "DeleteDeployment needs role admin" in assert_one_error_line(denied)
+    deleted = await run_cli("delete", "--deployment", "5", "--yes", *port, "--token", ADMIN_TOKEN)
+    assert deleted.code == ExitCode.OK, deleted.err
+
+    # Health is open: probes carry no token.
+    health = await run_cli("health", *port)
+    assert (health.code, health.out.strip()) == (ExitCode.OK, "SERVING")
+
+
+async def test_tls_with_a_ca_bundle(app_factory: Any, pki: dict[str, Path]) -> None:
+    app = await app_factory(tls_cert_file=pki["server_cert"], tls_key_file=pki["server_key"])
+    port = ["--port", str(app.port)]
+    trusted = ["--cacert", str(pki["ca"])]
+
+    for address in (["--address", "localhost"], ["--address", "127.0.0.1"]):
+        health = await run_cli("health", *address, *port, *trusted)
+        assert (health.code, health.out.strip()) == (ExitCode.OK, "SERVING"), health.err
+    renamed = await run_cli("health", *port, *trusted, "--address", "127.0.0.1",
+                            "--server-name", "localhost")  # fmt: skip
+    assert renamed.code == ExitCode.OK, renamed.err
+
+    event = '{"id": 1, "deployment_id": 8, "message": "over tls"}'
+    added = await run_cli("-add", event, *port, "--address", "localhost", *trusted)
+    assert added.code == ExitCode.OK, added.err
+    exported = await run_cli("export", "--deployment", "8", *port, *trusted)
+    assert json.loads(exported.out_lines[0])["message"] == "over tls"
+
+    # Plaintext against a TLS port, an untrusted CA, a name the certificate lacks:
+    # the handshake fails, which looks like an unreachable server, with a hint.
+    plaintext = await run_cli("deployments", *port, "--timeout", "1")
+    assert plaintext.code == ExitCode.UNAVAILABLE
+    assert "add --tls or --cacert" in assert_one_error_line(plaintext)
+    for bad in (
+        ["--cacert", str(pki["stranger_ca"])],
+        ["--tls"],  # system roots do not know the test CA
+        [*trusted, "--server-name", "elsewhere.example"],
+    ):
+        refused = await run_cli("deployments", *port, "--timeout", "1", *bad)
+        assert refused.code == ExitCode.UNAVAILABLE, bad
+        assert "TLS handshake failed?" in assert_one_error_line(refused)
+    health = await run_cli("health", *port, "--timeout", "1")
+    assert health.code == ExitCode.FAILED
+
+
+async def test_mutual_tls_and_token_together(
+    app_factory: Any, pki: dict[str, Path], tmp_path: Path
+) -> None:
+    app = await app_factory(
+        tls_cert_file=pki["server_cert"],
+        tls_key_file=pki["server_key"],
+        tls_client_ca_file=pki["ca"],
+        auth_tokens_file=write_tokens(tmp_path),
+    )
+    port = ["--port", str(app.port), "--address", "localhost", "--cacert", str(pki["ca"])]
+    client = ["--cert", str(pki["client_cert"]), "--key", str(pki["client_key"])]
+
+    health = await run_cli("health", *port, *client)
+    assert (health.code, health.out.strip()) == (ExitCode.OK, "SERVING"), health.err
+    no_client_cert = await run_cli("health", *port, "--timeout", "1")
+    assert no_client_cert.code == ExitCode.FAILED
+
+    event = '{"id": 3, "deployment_id": 9, "message": "mutual"}'
+    added = await run_cli("-add", event, *port, *client, env={"ACTIVITY_TOKEN": WRITER_TOKEN})
+    assert added.code == ExitCode.OK, added.err
+    no_token = await run_cli("deployments", *port, *client)
+    assert no_token.code == ExitCode.NOT_ALLOWED
+    listed = await run_cli("deployments", "--json", *port, *client, "--token", READER_TOKEN)
+    assert listed.code == ExitCode.OK, listed.err
+    assert json.loads(listed.out_lines[0])["last_event"]["event"]["message"] == "mutual"

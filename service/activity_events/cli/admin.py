@@ -9,7 +9,7 @@ from typing import TextIO
 
 import grpc
 
-from activity_events.cli.connection import Connection, ConnectionOptions
+from activity_events.cli.connection import Connection, options_from_args
 from activity_events.cli.console import Console
 from activity_events.cli.errors import CliError, ExitCode, from_rpc_error
 from activity_events.cli.formatting import format_time_ns, json_line, message_dict, shorten, table
@@ -58,7 +58,7 @@ DEPLOYMENT_RIGHT = [True, True, False, False, False]
 
 
 def run_deployments(args: argparse.Namespace, console: Console) -> int:
-    options = ConnectionOptions(args.address, args.port, args.timeout)
+    options = options_from_args(args)
     with Connection(options) as connection:
         connection.wait_ready()
         rows = []
@@ -95,7 +95,7 @@ def run_delete(args: argparse.Namespace, console: Console, stdin: TextIO | None 
         question = f"Delete deployment {args.deployment} and all its events? This cannot be undone."
         if not confirm(question, stdin, console.err):
             raise CliError("aborted; nothing was deleted", ExitCode.FAILED)
-    options = ConnectionOptions(args.address, args.port, args.timeout)
+    options = options_from_args(args)
     with Connection(options) as connection:
         connection.wait_ready()
         try:

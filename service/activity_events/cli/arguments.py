@@ -21,7 +21,20 @@ PROG = "activity-client"
 INT32_MAX = 2**31 - 1
 
 #: Flags that take a value and may stand before a subcommand.
-CONNECTION_FLAGS = ("address", "port", "timeout")
+CONNECTION_FLAGS = (
+    "address",
+    "port",
+    "timeout",
+    "token",
+    "token-file",
+    "cacert",
+    "cert",
+    "key",
+    "server-name",
+)
+
+#: Flags without a value that may stand before a subcommand.
+CONNECTION_SWITCHES = ("tls",)
 
 COMMANDS = ("health", "deployments", "delete", "export", "import")
 
@@ -94,6 +107,44 @@ def add_connection_arguments(parser: argparse.ArgumentParser, timeout: float = 5
         default=timeout,
         metavar="SECONDS",
         help="time to connect and for each request (default: %(default)s)",
+    )
+    security = parser.add_argument_group(
+        "security",
+        "A token is sent as 'authorization: Bearer <token>' on every call. Prefer the "
+        "ACTIVITY_TOKEN environment variable or --token-file to --token: other users "
+        "of the machine can read command lines (ps). ACTIVITY_TLS=1 acts as --tls.",
+    )
+    _flag(
+        security,
+        "token",
+        metavar="TOKEN",
+        help="bearer token (default: $ACTIVITY_TOKEN; visible in ps, prefer the variable)",
+    )
+    _flag(
+        security,
+        "token-file",
+        metavar="PATH",
+        help="read the bearer token from the first line of this file",
+    )
+    _flag(security, "tls", action="store_true", help="use TLS, verifying with the system roots")
+    _flag(
+        security,
+        "cacert",
+        metavar="PATH",
+        help="PEM CA bundle that verifies the server (implies --tls)",
+    )
+    _flag(
+        security,
+        "cert",
+        metavar="PATH",
+        help="PEM client certificate for mutual TLS (with --key; implies --tls)",
+    )
+    _flag(security, "key", metavar="PATH", help="PEM private key of --cert")
+    _flag(
+        security,
+        "server-name",
+        metavar="NAME",
+        help="check the server certificate against NAME instead of the address's host",
     )
 
 
@@ -288,9 +339,13 @@ PARSERS: dict[str, Callable[[], Parser]] = {
 
 
 def _is_connection_flag(token: str) -> tuple[bool, bool]:
-    """(is a connection flag, its value is in the same token)."""
+    """(is a connection flag, it needs no further argument: a switch or ``--flag=value``)."""
     name, has_value, _ = token.lstrip("-").partition("=")
-    if token.startswith("-") and name in CONNECTION_FLAGS:
+    if not token.startswith("-"):
+        return False, False
+    if name in CONNECTION_SWITCHES and not has_value:
+        return True, True
+    if name in CONNECTION_FLAGS:
         return True, bool(has_value)
     return False, False
 

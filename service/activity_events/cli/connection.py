@@ -6,18 +6,25 @@
 targets the client asks for round-robin load balancing through the service
 config, so a headless Kubernetes Service spreads calls over all replicas.
 
-Credentials (tokens, TLS) will hang off :class:`ConnectionOptions` and
-:meth:`Connection.metadata`; today the channel is plaintext.
+Security: a bearer token (``--token``, ``--token-file`` or ``ACTIVITY_TOKEN``)
+travels as ``authorization: Bearer ...`` metadata on every call; the client
+sends it itself rather than through call credentials, which gRPC refuses on
+plaintext channels (a mesh may terminate TLS in front of the server). TLS
+(``--tls``, ``--cacert``) verifies the server, with the system roots or a
+given CA bundle; ``--cert``/``--key`` add a client certificate (mutual TLS).
+The token is never printed: not in errors, not in ``repr``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -66,6 +73,16 @@ def channel_options(target: str) -> list[tuple[str, Any]]:
     return options
 
 
+#: Environment variable holding the bearer token (kept out of ``ps`` output).
+TOKEN_ENV = "ACTIVITY_TOKEN"  # noqa: S105 - a variable name, not a secret
+
+#: Environment variable that turns TLS on when set to a true value.
+TLS_ENV = "ACTIVITY_TLS"
+
+#: Printable ASCII without spaces: what an HTTP/2 header value can carry as a token.
+TOKEN_TEXT = re.compile(r"^[\x21-\x7e]+$")
+
+
 @dataclass(frozen=True)
 class ConnectionOptions:
     """How to reach the server; parsed from the common command-line flags."""
@@ -74,10 +91,89 @@ class ConnectionOptions:
     port: int = 50051
     #: Seconds to wait for the connection and for each unary call.
     timeout: float = 5.0
+    #: Bearer token sent with every call ("" = none); left out of ``repr``.
+    token: str = field(default="", repr=False)
+    #: Speak TLS (implied by any of the certificate fields).
+    tls: bool = False
+    #: PEM CA bundle that verifies the server (None = the system roots).
+    root_certificates: bytes | None = field(default=None, repr=False)
+    #: PEM client certificate chain and key for mutual TLS (both or neither).
+    certificate_chain: bytes | None = field(default=None, repr=False)
+    private_key: bytes | None = field(default=None, repr=False)
+    #: Name the server certificate is checked against instead of the target's host.
+    server_name: str = ""
 
     @property
     def target(self) -> str:
         return build_target(self.address, self.port)
+
+    @property
+    def secure(self) -> bool:
+        return self.tls or self.root_certificates is not None or self.certificate_chain is not None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """TLS channel credentials (system roots unless a CA bundle was given)."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.root_certificates,
+            private_key=self.private_key,
+            certificate_chain=self.certificate_chain,
+        )
+
+
+def _read_file(path: str, flag: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise CliError(
+            f"cannot read {flag} {path}: {error.strerror or type(error).__name__}", ExitCode.USAGE
+        ) from None
+
+
+def _token(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
+    """The bearer token: --token, else --token-file's first line, else ACTIVITY_TOKEN."""
+    given = getattr(args, "token", None)
+    token_file = getattr(args, "token_file", None)
+    if given is not None and token_file is not None:
+        raise CliError("give --token or --token-file, not both", ExitCode.USAGE)
+    if token_file is not None:
+        lines = _read_file(token_file, "--token-file").decode("utf-8", "replace").splitlines()
+        token = lines[0].strip() if lines else ""
+        if not token:
+            raise CliError(f"--token-file {token_file} holds no token", ExitCode.USAGE)
+    elif given is not None:
+        token = given.strip()
+    else:
+        token = environ.get(TOKEN_ENV, "").strip()
+    if token and not TOKEN_TEXT.match(token):
+        # Never echo the token: it may be a real secret with a stray character.
+        raise CliError(
+            "the token holds spaces or non-printable characters; it cannot be sent",
+            ExitCode.USAGE,
+        )
+    return token
+
+
+def options_from_args(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> ConnectionOptions:
+    """ConnectionOptions from the common flags; files are read now (unreadable: exit 2)."""
+    env = os.environ if environ is None else environ
+    cert, key = getattr(args, "cert", None), getattr(args, "key", None)
+    if (cert is None) != (key is None):
+        raise CliError("--cert and --key go together (mutual TLS needs both)", ExitCode.USAGE)
+    cacert = getattr(args, "cacert", None)
+    tls_env = env.get(TLS_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+    return ConnectionOptions(
+        address=args.address,
+        port=args.port,
+        timeout=args.timeout,
+        token=_token(args, env),
+        tls=bool(getattr(args, "tls", False)) or tls_env,
+        root_certificates=_read_file(cacert, "--cacert") if cacert is not None else None,
+        certificate_chain=_read_file(cert, "--cert") if cert is not None else None,
+        private_key=_read_file(key, "--key") if key is not None else None,
+        server_name=getattr(args, "server_name", None) or "",
+    )
 
 
 class Connection:
@@ -86,7 +182,13 @@ class Connection:
     def __init__(self, options: ConnectionOptions) -> None:
         self.options = options
         self.target = options.target
-        self.channel = grpc.insecure_channel(self.target, options=channel_options(self.target))
+        channel_args = channel_options(self.target)
+        if options.secure:
+            if options.server_name:
+                channel_args.append(("grpc.ssl_target_name_override", options.server_name))
+            self.channel = grpc.secure_channel(self.target, options.credentials(), channel_args)
+        else:
+            self.channel = grpc.insecure_channel(self.target, options=channel_args)
         self.stub = pb_grpc.ActivityEventsStub(self.channel)  # type: ignore[no-untyped-call]
 
     def __enter__(self) -> Connection:
@@ -117,13 +219,23 @@ class Connection:
             grpc.channel_ready_future(self.channel).result(timeout=self.timeout)
         except grpc.FutureTimeoutError:
             raise CliError(
-                f"cannot reach the server at {self.target} within {self.timeout:g} s",
+                f"cannot reach the server at {self.target} within {self.timeout:g} s "
+                f"{self.tls_hint()}",
                 ExitCode.UNAVAILABLE,
             ) from None
 
+    def tls_hint(self) -> str:
+        """A failed TLS handshake looks like an unreachable server: say what to check."""
+        if self.options.secure:
+            return "(TLS handshake failed? check --cacert, --cert/--key and --server-name)"
+        return "(does the server use TLS? then add --tls or --cacert)"
+
     def metadata(self) -> Sequence[tuple[str, str]]:
-        """Metadata sent with every call: trace context now, credentials later."""
-        return trace_metadata()
+        """Metadata sent with every call: trace context and the bearer token."""
+        metadata = trace_metadata()
+        if self.options.token:
+            metadata.append(("authorization", f"Bearer {self.options.token}"))
+        return metadata
 
 
 #: W3C Trace Context ``traceparent``: version-trace_id-parent_id-flags, lower-case hex.

@@ -3,7 +3,10 @@
 Built for container health checks (Docker HEALTHCHECK, Kubernetes exec
 probes): it answers within ``--timeout`` (2 s by default) and exits only 0
 (SERVING) or 1 (anything else, nothing listening included), because Docker
-reserves exit code 2. Only a malformed command line exits 2.
+reserves exit code 2. Only a malformed command line exits 2 (unreadable
+``--cacert``/``--cert``/``--key`` files included). Health is open on the
+server, so a probe needs no token; over TLS it takes the same ``--tls``,
+``--cacert``, ``--cert``/``--key`` flags as every other command.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import argparse
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from activity_events.cli.connection import Connection, ConnectionOptions
+from activity_events.cli.connection import Connection, options_from_args
 from activity_events.cli.console import Console
 from activity_events.cli.errors import CliError, ExitCode, from_rpc_error
 from activity_events.cli.formatting import json_line
@@ -25,7 +28,9 @@ def check(connection: Connection, service: str) -> str:
     stub = health_pb2_grpc.HealthStub(connection.channel)
     try:
         response = stub.Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=connection.timeout
+            health_pb2.HealthCheckRequest(service=service),
+            timeout=connection.timeout,
+            metadata=connection.metadata(),
         )
     except grpc.RpcError as error:
         if isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.NOT_FOUND:
@@ -35,7 +40,7 @@ def check(connection: Connection, service: str) -> str:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    options = ConnectionOptions(args.address, args.port, args.timeout)
+    options = options_from_args(args)
     with Connection(options) as connection:
         try:
             status = check(connection, args.service)

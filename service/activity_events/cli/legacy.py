@@ -14,7 +14,7 @@ import signal
 
 import grpc
 
-from activity_events.cli.connection import Connection, ConnectionOptions
+from activity_events.cli.connection import Connection, options_from_args
 from activity_events.cli.console import Console
 from activity_events.cli.errors import CliError, ExitCode, from_rpc_error
 from activity_events.cli.event_input import EventInputError, event_from_json, stamp_send_time
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         except EventInputError as error:
             raise CliError(f"bad -add event: {error}", ExitCode.USAGE) from None
         stamp_send_time(event)
-    options = ConnectionOptions(args.address, args.port, args.timeout)
+    options = options_from_args(args)
     with Connection(options) as connection:
         connection.wait_ready()
         if event is not None:

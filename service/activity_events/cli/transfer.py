@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 import grpc
 
-from activity_events.cli.connection import Connection, ConnectionOptions
+from activity_events.cli.connection import Connection, options_from_args
 from activity_events.cli.console import Console
 from activity_events.cli.errors import CliError, ExitCode, from_rpc_error
 from activity_events.cli.event_input import EXPORT_ONLY_KEYS, EventInputError, event_from_json
@@ -38,7 +38,7 @@ def run_export(args: argparse.Namespace, console: Console) -> int:
     request = pb.WatchEventsRequest(
         deployment_id=args.deployment, after=args.after, limit=args.limit, follow=False
     )
-    options = ConnectionOptions(args.address, args.port, args.timeout)
+    options = options_from_args(args)
     count = 0
     last_cursor = ""
     with Connection(options) as connection:
@@ -194,13 +194,13 @@ def _open_source(path: str) -> tuple[BinaryIO, int | None]:
 
 
 def run_import(args: argparse.Namespace, console: Console) -> int:
+    options = options_from_args(args)
     stream, total = _open_source(args.file)
     source = "stdin" if args.file == "-" else args.file
     summary = ImportSummary(source)
     progress = ProgressBar(
         console.err, "import", total, enabled=console.err.isatty() and not args.no_progress
     )
-    options = ConnectionOptions(args.address, args.port, args.timeout)
     try:
         with Connection(options) as connection:
             connection.wait_ready()
