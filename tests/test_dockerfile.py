@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,6 +319,46 @@ def test_every_copied_path_is_in_the_build_context() -> None:
 
 # --- the install recipe, replayed -------------------------------------------------
 
+#: Wheels of the dependencies (and of the build backend), downloaded once and
+#: reused by later runs: the replay then needs no index at all. The install
+#: commands stay exactly the Dockerfile's; only where pip finds files differs.
+WHEELHOUSE = Path.home() / ".cache" / "activity-events-tests" / "wheelhouse"
+
+
+def dependency_requirements() -> list[str]:
+    """What the builder installs: pyproject's dependencies, plus its build backend."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return [*pyproject["project"]["dependencies"], *pyproject["build-system"]["requires"]]
+
+
+def filled_wheelhouse() -> Path:
+    """WHEELHOUSE holding wheels for the current requirements (downloaded when they changed)."""
+    requirements = dependency_requirements()
+    stamp = WHEELHOUSE / "requirements.done"
+    wanted = "\n".join(requirements) + "\n"
+    if stamp.exists() and stamp.read_text() == wanted:
+        return WHEELHOUSE
+    WHEELHOUSE.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--dest",
+            str(WHEELHOUSE),
+            *requirements,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_SECONDS,
+        check=False,
+    )
+    assert result.returncode == 0, f"pip download failed:\n{result.stderr[-3000:]}"
+    stamp.write_text(wanted)
+    return WHEELHOUSE
+
 
 def replay_environment(venv: Path, scratch: Path) -> dict[str, str]:
     """The builder's ENV, with its paths mapped onto the test's directories."""
@@ -328,9 +369,9 @@ def replay_environment(venv: Path, scratch: Path) -> dict[str, str]:
         env[key] = value
     # The image's PATH="/opt/venv/bin:${PATH}", with the base image's python next.
     env["PATH"] = os.pathsep.join([str(venv / "bin"), str(base_python), inherited_path])
-    # The image builds without a pip cache; here the host's cache may serve the
-    # same files again (what gets installed is unchanged, only faster).
-    env.pop("PIP_NO_CACHE_DIR", None)
+    # Same commands, files from the local wheelhouse instead of the index.
+    env["PIP_NO_INDEX"] = "1"
+    env["PIP_FIND_LINKS"] = str(filled_wheelhouse())
     # Never let a replayed pip touch any interpreter but the fresh virtualenv.
     env["PIP_REQUIRE_VIRTUALENV"] = "1"
     env.pop("VIRTUAL_ENV", None)
