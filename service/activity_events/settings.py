@@ -210,6 +210,21 @@ class Settings(BaseSettings):
         "logs a warning and starts from the environment and defaults.",
     )
 
+    # --- activity page ------------------------------------------------------------
+    page_enabled: bool = Field(
+        True,
+        description="Serve the activity page (/, /deployments/<id>, /api/...) for people "
+        "on the HTTP side port; false turns it off. With auth_tokens_file set it needs a "
+        "reader token.",
+    )
+    page_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Serve the activity page on this port of metrics_host instead of "
+        "metrics_port (0 picks one); unset: on metrics_port beside /metrics.",
+    )
+
     @classmethod
     def settings_customise_sources(
         cls,
