@@ -13,7 +13,8 @@ Fixture API (all function-scoped; everything started is stopped in
 - ``redis_client``: ``redis.asyncio.Redis`` (bytes responses) on ``redis_server``,
   for checking what the server stored.
 - ``settings_factory(**overrides) -> Settings`` pointed at ``redis_server``
-  with port 0, metrics_port 0, loopback hosts and a temp data_dir.
+  with port 0, metrics_port 0, loopback hosts, a temp data_dir, grace_seconds 2,
+  hub_block_ms 200 and redis_timeout_seconds 5 (tests of timeouts set their own).
 - ``app_factory(settings=None, **overrides) -> Application`` (async): a started
   Application; all of them are stopped at teardown.
 - ``server``: a started Application with default test settings.
@@ -103,6 +104,10 @@ def settings_factory(redis_server: RedisProcess, tmp_path: Path) -> SettingsFact
             "data_dir": tmp_path / "data",
             "grace_seconds": 2.0,
             "hub_block_ms": 200,
+            # Loaded CI machines stall for over a second at times; the production
+            # default (1 s) would turn that into spurious UNAVAILABLE. Tests about
+            # Redis timeouts pass their own redis_timeout_seconds.
+            "redis_timeout_seconds": 5.0,
         }
         values.update(overrides)
         return Settings(**values)

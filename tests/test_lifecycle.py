@@ -273,7 +273,11 @@ async def test_sigterm_drains_in_flight_calls_and_exits_zero(
 ) -> None:
     grace = 3.0
     proc = server_process_factory(
-        {"ACTIVITY_REDIS_URL": redis_server.url, "ACTIVITY_GRACE_SECONDS": str(grace)}
+        {
+            "ACTIVITY_REDIS_URL": redis_server.url,
+            "ACTIVITY_GRACE_SECONDS": str(grace),
+            "ACTIVITY_REDIS_TIMEOUT_SECONDS": "5",
+        }
     )
     await asyncio.to_thread(proc.start)
     async with _aio_channel(proc.port) as channel:
@@ -308,10 +312,17 @@ async def test_sigterm_drains_in_flight_calls_and_exits_zero(
             )
             return response
 
-        batch = asyncio.create_task(big_batch())
-        await asyncio.sleep(0.01)
-        signalled = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
+        # Hold every call inside its handler: with Redis paused they wait on it, so
+        # they are certainly in flight when the signal arrives.
+        redis_server.pause()
+        try:
+            batch = asyncio.create_task(big_batch())
+            await asyncio.sleep(0.5)
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+        finally:
+            redis_server.resume()
         try:
             code = await asyncio.to_thread(proc.wait, grace + 5)
         finally:
