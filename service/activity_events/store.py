@@ -131,6 +131,8 @@ class EventStore:
         self._pending: list[tuple[NewEvent, int, asyncio.Future[AppendResult]]] = []
         self._flush_scheduled = False
         self._flushes: set[asyncio.Task[None]] = set()
+        self._abandoned: set[asyncio.Future[Any]] = set()
+        """Redis work given up on at its timeout, still unwinding (see _bounded)."""
         self._indexed: set[int] = set()
         """Deployments this process has put into the index (saves a ZADD per create)."""
         self.on_failure: Callable[[], None] | None = None
@@ -141,11 +143,32 @@ class EventStore:
         return self._redis
 
     async def _bounded(self, work: Awaitable[T]) -> T:
-        started = False
+        """Run Redis work within the command timeout, mapping failures to
+        StoreUnavailable.
+
+        The work runs in a task of its own and the caller waits at most the
+        timeout for it. Cancelling a redis-py call makes it tear its
+        connection down, and against a Redis that is alive but not answering
+        (paused, partitioned) that teardown can itself hang; the caller must
+        not wait for it. An abandoned task finishes in the background and
+        keeps its concurrency slot until then, so a stuck Redis cannot be
+        flooded with new connections either.
+        """
+        task = asyncio.ensure_future(self._in_slot(work))
         try:
-            async with asyncio.timeout(self._timeout), self._slots:
-                started = True
-                return await work
+            done, _ = await asyncio.wait({task}, timeout=self._timeout)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not done:
+            task.cancel()
+            self._abandoned.add(task)
+            task.add_done_callback(self._forget)
+            if self.on_failure is not None:
+                self.on_failure()
+            raise StoreUnavailable(f"redis did not answer within {self._timeout:g}s")
+        try:
+            return task.result()
         except REDIS_DOWN as exc:
             if self.on_failure is not None:
                 self.on_failure()
@@ -158,9 +181,21 @@ class EventStore:
             if self.on_failure is not None:
                 self.on_failure()
             raise StoreUnavailable(f"redis refused the command: {text}") from None
+
+    async def _in_slot(self, work: Awaitable[T]) -> T:
+        started = False
+        try:
+            async with self._slots:
+                started = True
+                return await work
         finally:
             if not started and isinstance(work, Coroutine):
-                work.close()  # never awaited: timed out waiting for a slot
+                work.close()  # never awaited: cancelled while waiting for a slot
+
+    def _forget(self, task: asyncio.Future[Any]) -> None:
+        self._abandoned.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved, so asyncio does not report it as lost
 
     async def ping(self) -> None:
         await self._bounded(self._redis.ping())
