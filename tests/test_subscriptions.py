@@ -15,7 +15,7 @@ import sys
 import textwrap
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -746,3 +746,70 @@ async def test_all_deployments_dead_letters_filter_and_replay_by_deployment(
 
 async def _length_is(awaitable: Any, expected: int) -> bool:
     return len(await awaitable) == expected
+
+
+# -- Redis Cluster ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from tests.support.cluster import RedisClusterProcesses  # noqa: PLC0415
+
+    processes = RedisClusterProcesses(Path(tmp_path_factory.mktemp("cluster")))
+    try:
+        yield processes.start()
+    finally:
+        processes.stop()
+
+
+@pytest.mark.slow
+async def test_subscription_on_all_deployments_across_cluster_slots(
+    cluster: Any, app_factory: Any, channel_factory: Any, consumers: Any
+) -> None:
+    for node in cluster.nodes:
+        cluster.client(node).flushall()
+    app = await app_factory(redis_url=cluster.url)
+    channel = channel_factory(app.port)
+    stub = pb_grpc.ActivityEventsStub(channel)
+    deployments = range(41, 53)
+    written = {d: await create_many(stub, d, 1, 10) for d in deployments}
+    assert len({cluster.owner(_slot(keys.events(d))).port for d in deployments}) > 1
+    a = consumers(channel, subscription="cluster-wide", consumer="a", deployment_id=0,
+                  auto_ack=True, never_ack=frozenset({10}), max_in_flight=25,
+                  visibility_timeout_ms=200, max_deliveries=2)  # fmt: skip
+    b = consumers(channel, subscription="cluster-wide", consumer="b", deployment_id=0,
+                  auto_ack=True, never_ack=frozenset({10}), max_in_flight=25)  # fmt: skip
+    await a.until_open()
+    await b.until_open()
+    written[53] = await create_many(stub, 53, 1, 10)  # a deployment new to the subscription
+    first = {d.cursor for d in a.events + b.events if d.delivery_count == 1}
+    await wait_until(
+        lambda: len({d.cursor for d in a.events + b.events if d.delivery_count == 1}) == 130,
+        DELIVERY_TIMEOUT,
+        message="130 first deliveries",
+    )
+    first = [d.cursor for d in a.events + b.events if d.delivery_count == 1]
+    assert sorted(first) == sorted(c for cursors in written.values() for c in cursors)
+    subs = subs_stub(channel)
+
+    async def dead() -> int:
+        return (await subscription(channel, "cluster-wide")).dead_letters
+
+    await wait_until(lambda: _equals(dead(), 13), DELIVERY_TIMEOUT, message="13 dead letters")
+    a.never_ack = b.never_ack = frozenset()
+    replayed = await subs.ReplayDeadLetters(
+        pb.ReplayDeadLettersRequest(subscription="cluster-wide"), timeout=RPC_TIMEOUT
+    )
+    assert replayed.replayed == 13
+    await wait_until(lambda: _equals(dead(), 0), DELIVERY_TIMEOUT)
+    await wait_until(lambda: _pending_is(channel, "cluster-wide", 0), DELIVERY_TIMEOUT)
+    deleted = await subs.DeleteSubscription(
+        pb.DeleteSubscriptionRequest(subscription="cluster-wide"), timeout=RPC_TIMEOUT
+    )
+    assert deleted.deleted_dead_letters == 0
+
+
+def _slot(key: str) -> int:
+    from redis.crc import key_slot  # noqa: PLC0415
+
+    return int(key_slot(key.encode()))

@@ -395,7 +395,7 @@ class SubscriptionsServicer:
         registry: CollectorRegistry,
     ) -> None:
         self.metrics = SubscriptionMetrics(registry)
-        self.subs = SubscriptionStore(store, settings, self.metrics)
+        self.subs = SubscriptionStore(store, self.metrics)
         self._hub = hub
         self._settings = settings
         self._consumers: dict[str, set[Consumer]] = {}

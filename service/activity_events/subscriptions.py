@@ -22,7 +22,6 @@ deployments). Its settings live in the registry hash ``ae:subscriptions``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -37,8 +36,7 @@ from redis import exceptions as rexc
 from . import keys
 from .errors import InvalidArgument, NotFound, StoreUnavailable
 from .events import Cursor, StoredEvent
-from .settings import Settings
-from .store import REDIS_DOWN, EventStore, LuaScript
+from .store import EventStore, LuaScript
 
 logger = logging.getLogger(__name__)
 
@@ -240,25 +238,17 @@ class SubscriptionStore:
     """Consumer-group operations; see the module docstring. Every public call is
     bounded by ``redis_timeout_seconds`` (StoreUnavailable past it)."""
 
-    def __init__(self, store: EventStore, settings: Settings, metrics: SubscriptionMetrics) -> None:
+    def __init__(self, store: EventStore, metrics: SubscriptionMetrics) -> None:
         self._store = store
         self._redis = store.redis
         self.metrics = metrics
-        self._timeout = settings.redis_timeout_seconds
         self._claim = LuaScript("subscription_claim.lua")
         self._replay = LuaScript("subscription_replay.lua")
 
     async def _bounded(self, work: Awaitable[T]) -> T:
-        try:
-            async with asyncio.timeout(self._timeout):
-                return await work
-        except REDIS_DOWN as exc:
-            if self._store.on_failure is not None:
-                self._store.on_failure()
-            raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}") from None
-        except rexc.ResponseError as exc:
-            text = str(exc).split("\n", 1)[0][:200]
-            raise StoreUnavailable(f"redis refused the command: {text}") from None
+        """The event store's bound: the command timeout, its share of the
+        connection pool, and failures reported as StoreUnavailable."""
+        return await self._store._bounded(work)
 
     # -- registry ----------------------------------------------------------------
 
@@ -327,7 +317,10 @@ class SubscriptionStore:
         visibility_ms: int,
         max_deliveries: int,
     ) -> SubscriptionConfig:
-        seconds, micros = await self._bounded(self._redis.time())
+        reply: Any = await self._bounded(self._redis.time())
+        if isinstance(reply, dict):  # Cluster: one answer per node asked
+            reply = next(iter(reply.values()))
+        seconds, micros = reply
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         floor = (0, -1, 0)
         if start == "now":
@@ -487,7 +480,9 @@ class SubscriptionStore:
         for attempt in range(2):
             pipe = self._redis.pipeline(transaction=False)
             for key in sources:
-                pipe.evalsha(self._claim.sha, *args(key))
+                # execute_command: redis-py refuses pipe.evalsha on Cluster; the
+                # script touches one deployment's keys, so any shape can run it.
+                pipe.execute_command("EVALSHA", self._claim.sha, *args(key))
             replies: list[Any] = await pipe.execute(raise_on_error=False)
             if not any(isinstance(r, rexc.NoScriptError) for r in replies):
                 return replies
