@@ -205,3 +205,16 @@ def test_server_stdout_is_json_and_never_shows_the_password(
     ok = next(e for e in created if e["grpc_code"] == "OK")
     assert ok["deployment_id"] == 7
     assert ok["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
+
+
+def test_cancelled_stream_sends_are_not_errors(captured: io.StringIO) -> None:
+    grpc_logger = logging.getLogger("grpc._cython.cygrpc")
+    try:
+        raise RuntimeError("stream cancelled by the client")
+    except RuntimeError:
+        grpc_logger.error(
+            "ExecuteBatchError raised in core by servicer method [/x.Y/ListEvents]", exc_info=True
+        )
+    grpc_logger.error("something else went wrong")
+    found = lines(captured)
+    assert [(e["level"], "exception" in e) for e in found] == [("DEBUG", False), ("ERROR", False)]

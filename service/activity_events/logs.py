@@ -148,6 +148,7 @@ def configure(level: str, secrets: Iterable[str] = (), stream: TextIO | None = N
         old.close()
     root.addHandler(handler)
     root.setLevel(level.upper())
+    logging.getLogger("grpc._cython.cygrpc").addFilter(_cancelled_send)
     # Libraries that log a lot at INFO about their own plumbing stay at WARNING
     # unless the whole process runs at DEBUG.
     if level.upper() != "DEBUG":
@@ -156,6 +157,18 @@ def configure(level: str, secrets: Iterable[str] = (), stream: TextIO | None = N
     logging.captureWarnings(True)
     sys.excepthook = _log_uncaught
     threading.excepthook = _log_uncaught_in_thread
+
+
+def _cancelled_send(record: logging.LogRecord) -> bool:
+    """grpc.aio logs an ERROR with a traceback whenever a client cancels a
+    server stream while a message is being sent (ExecuteBatchError). That is
+    the client's normal right, not a server fault: keep it, at DEBUG."""
+    if record.levelno >= logging.ERROR and "ExecuteBatchError" in record.getMessage():
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.exc_info = None
+        record.exc_text = None
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+    return True
 
 
 def _log_uncaught(
