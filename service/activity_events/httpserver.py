@@ -12,6 +12,7 @@ probes expect.
 - ``/healthz``: 200 while the process and its event loop run (liveness).
 - ``/readyz``: 200 when the ``readiness`` callable says so (Redis reachable
   and not shutting down, decided by the caller), else 503 (readiness).
+- with ``page`` set: the activity page's routes (:mod:`activity_events.page`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -30,6 +32,15 @@ logger = logging.getLogger(__name__)
 
 Readiness = Callable[[], bool | Awaitable[bool]]
 """Says whether this replica should receive traffic; may be sync or async."""
+
+
+class PageHandler(Protocol):
+    """Other routes on this port (the activity page): answers a request head, or returns False."""
+
+    async def serve(
+        self, head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool: ...
+
 
 REQUEST_TIMEOUT_SECONDS = 5.0
 """A client that has not sent its request head by then is dropped (slowloris guard)."""
@@ -52,6 +63,8 @@ class MetricsServer:
         self._host = host
         self._port = port
         self._readiness = readiness
+        self.page: PageHandler | None = None
+        """Set to serve the activity page's routes on this port too."""
         self._server: asyncio.Server | None = None
 
     @property
@@ -83,6 +96,8 @@ class MetricsServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_SECONDS)
+            if self.page is not None and await self.page.serve(head, reader, writer):
+                return
             status, content_type, body, is_head = await self._respond(head)
             self._write(writer, status, content_type, b"" if is_head else body, len(body))
             await writer.drain()
