@@ -813,3 +813,35 @@ def _slot(key: str) -> int:
     from redis.crc import key_slot  # noqa: PLC0415
 
     return int(key_slot(key.encode()))
+
+
+async def test_redis_unreachable_ends_consumers_with_unavailable(
+    redis_server: Any, server: Any, channel: grpc.aio.Channel, stub: pb_grpc.ActivityEventsStub,
+    consumers: Any,
+) -> None:  # fmt: skip
+    await create_many(stub, 33, 1, 5)
+    consumer = consumers(channel, subscription="fragile", deployment_id=33,
+                         visibility_timeout_ms=500)  # fmt: skip
+    await consumer.until(5)
+    redis_server.pause()
+    try:
+        paused = time.monotonic()
+        await asyncio.wait_for(consumer.ended.wait(), 10)
+        assert time.monotonic() - paused < 6
+        assert consumer.error is not None
+        assert consumer.error.code() == grpc.StatusCode.UNAVAILABLE
+        error = await status_of(
+            subs_stub(channel).ListSubscriptions(pb.ListSubscriptionsRequest(), timeout=10)
+        )
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        redis_server.resume()
+    # Back: the unacknowledged events come again (after their visibility timeout).
+    again = consumers(channel, subscription="fragile", deployment_id=33, auto_ack=True)
+    events = await again.until(5, timeout=DELIVERY_TIMEOUT + 5)
+    assert [d.event.id for d in events] == [1, 2, 3, 4, 5]
+    # At least the second delivery: a claim the old stream had already sent may
+    # have run when Redis came back, which counts as one more.
+    assert all(d.delivery_count >= 2 for d in events)
+    await asyncio.sleep(0.5)
+    assert len(again.deliveries) == 5
