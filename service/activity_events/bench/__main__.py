@@ -2,4 +2,6 @@
 
 from activity_events.bench.cli import main
 
-raise SystemExit(main())
+# Guarded: follower processes are spawned, and spawning re-imports the main module.
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +16,21 @@ import grpc
 
 from activity_events.bench import profiler, report
 from activity_events.bench.channels import ChannelPool
+from activity_events.bench.followers import run_follow
 from activity_events.bench.h2load import run_create_h2load
 from activity_events.bench.options import SCENARIOS, Options, for_run, resolve
 from activity_events.bench.progress import Progress
-from activity_events.bench.scenarios import SCENARIO_RUNNERS, Context, ScenarioError, cleanup
+from activity_events.bench.scenarios import (
+    Context,
+    Result,
+    ScenarioError,
+    cleanup,
+    run_create,
+    run_ingest,
+    run_list,
+    run_memory,
+    run_replay,
+)
 from activity_events.bench.spawn import Spawned, SpawnError, spawn_stack
 from activity_events.bench.stats import process_rss_mb
 
@@ -40,8 +51,18 @@ examples:
 _KNOBS = (
     "count", "concurrency", "connections", "message_size", "deployments", "batch",
     "followers", "rate", "duration", "fill_batch", "fill_concurrency", "base", "timeout",
-    "drain_timeout", "client",
+    "drain_timeout", "client", "processes",
 )  # fmt: skip
+
+
+SCENARIO_RUNNERS: dict[str, Callable[[Context], Awaitable[Result]]] = {
+    "create": run_create,
+    "ingest": run_ingest,
+    "list": run_list,
+    "replay": run_replay,
+    "follow": run_follow,
+    "memory": run_memory,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     knobs.add_argument("--followers", type=int, help="follow: follow streams (1000)")
     knobs.add_argument("--rate", type=float, help="follow: writer events/s (500)")
     knobs.add_argument("--duration", type=float, help="follow: writer seconds (10)")
+    knobs.add_argument("--processes", type=int, help="follow: processes the followers run in (2)")
     knobs.add_argument("--fill-batch", type=int, help="batch size when preloading history")
     knobs.add_argument("--fill-concurrency", type=int, help="batches in flight when preloading")
     knobs.add_argument("--base", type=int, help="first deployment id (default: random)")
@@ -105,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--py-spy", type=Path, metavar="DIR",
         help="with --spawn: record the server with py-spy during each run into DIR",
     )  # fmt: skip
+    out.add_argument(
+        "--py-spy-native", action="store_true", help="with --py-spy: unwind C frames too"
+    )
     out.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
     return parser
 
@@ -120,10 +145,16 @@ def _server_env(pairs: list[str]) -> dict[str, str]:
 
 
 async def _run_once(
-    options: Options, progress: Progress, pids: dict[str, int], keep: bool
+    options: Options,
+    progress: Progress,
+    pids: dict[str, int],
+    keep: bool,
+    recorder: profiler.Recorder | None = None,
 ) -> report.Result:
     pool = ChannelPool(options.target, options.connections)
     ctx = Context(options, pool, progress, pids)
+    if recorder is not None:
+        ctx.on_measure_start, ctx.on_measure_stop = recorder.start, recorder.stop
     progress.start()
     try:
         await pool.ready(options.timeout)
@@ -165,7 +196,7 @@ def _describe(options: Options, run: int, server: str) -> report.Result:
     if options.scenario == "ingest":
         fields["batch"] = options.batch
     if options.scenario == "follow":
-        fields.update(rate=options.rate, duration=options.duration)
+        fields.update(rate=options.rate, duration=options.duration, processes=options.processes)
     return fields
 
 
@@ -194,17 +225,19 @@ async def _bench(args: argparse.Namespace, uvloop_on: bool) -> int:
             args.py_spy.mkdir(parents=True, exist_ok=True)
         for scenario in scenarios:
             first = resolve(scenario, given, target=target)
-            first = Options(**{**first.__dict__, "redis_url": redis_url})
+            first = Options(**{**first.__dict__, "redis_url": redis_url, "uvloop": uvloop_on})
             runs = []
             for run in range(max(1, args.runs)):
                 options = for_run(first, run)
                 recorder = None
                 if args.py_spy and "server" in pids:
                     recorder = profiler.Recorder(
-                        pids["server"], args.py_spy / f"{scenario}-{run + 1}.folded"
+                        pids["server"],
+                        args.py_spy / f"{scenario}-{run + 1}.folded",
+                        native=args.py_spy_native,
                     )
                 try:
-                    figures = await _run_once(options, progress, pids, args.keep)
+                    figures = await _run_once(options, progress, pids, args.keep, recorder)
                 finally:
                     if recorder is not None:
                         recorder.stop()

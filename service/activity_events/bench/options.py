@@ -39,6 +39,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "followers": 1000,
         "rate": 500.0,
         "duration": 10.0,
+        "processes": 2,
     },
     "memory": {"count": 100_000, "concurrency": 4, "connections": 2, "deployments": 1},
 }
@@ -51,6 +52,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "duration": 10.0,
     "fill_batch": 1000,
     "fill_concurrency": 4,
+    "processes": 1,
 }
 
 
@@ -77,6 +79,8 @@ class Options:
     drain_timeout: float = 10.0
     cleanup: bool = True
     client: str = "grpc"
+    processes: int = 1
+    uvloop: bool = True
 
     @property
     def deployment_ids(self) -> list[int]:

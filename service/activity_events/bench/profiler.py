@@ -1,7 +1,8 @@
 """py-spy recording of the server while a scenario runs, and a summary of it.
 
 ``--py-spy DIR`` (with ``--spawn``) attaches ``py-spy record`` to the server
-PID for each measured scenario run and writes folded stacks
+PID during the measured phase of each scenario run (not while history is
+preloaded) and writes folded stacks
 (``DIR/<scenario>-<run>.folded``; flamegraph tools read them) plus a text
 summary of the functions with the most samples, by own time and including
 callees. Idle samples are not recorded, so percentages are of busy time.
@@ -15,13 +16,16 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
+from typing import BinaryIO
 
 logger = logging.getLogger(__name__)
 
 _RATE_HZ = 200
 _STOP_TIMEOUT_S = 60.0
+_ATTACH_S = 0.3
 _LINE_NO = re.compile(r":\d+\)$")
 
 
@@ -32,30 +36,42 @@ def py_spy_path() -> str | None:
 
 
 class Recorder:
-    """One ``py-spy record`` process attached to ``pid`` until `stop`."""
+    """A ``py-spy record`` of ``pid`` from `start` to `stop` (the measured phase).
 
-    def __init__(self, pid: int, output: Path) -> None:
+    With ``native`` py-spy also unwinds C frames (gRPC core, uvloop, hiredis),
+    which otherwise count as the Python frame that called into them (often the
+    event loop's ``Runner.run``).
+    """
+
+    def __init__(self, pid: int, output: Path, *, native: bool = False) -> None:
         executable = py_spy_path()
         if executable is None:
             raise RuntimeError("py-spy is not installed (pip install py-spy)")
         self.output = output
-        self._log = output.with_suffix(".log").open("wb")
+        self._argv = [
+            executable, "record",
+            "--pid", str(pid),
+            "--rate", str(_RATE_HZ),
+            "--format", "raw",
+            "--output", str(output),
+            *(["--native"] if native else ["--nonblocking"]),
+        ]  # fmt: skip
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log: BinaryIO | None = None
+
+    def start(self) -> None:
+        if self._process is not None:
+            return
+        self._log = self.output.with_suffix(".log").open("wb")
         self._process = subprocess.Popen(
-            [
-                executable, "record",
-                "--pid", str(pid),
-                "--rate", str(_RATE_HZ),
-                "--format", "raw",
-                "--output", str(output),
-                "--nonblocking",
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+            self._argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        time.sleep(_ATTACH_S)  # py-spy needs a moment to attach before the phase begins
 
     def stop(self) -> None:
         """SIGINT makes py-spy write its output and exit; killed if it does not."""
+        if self._process is None or self._log is None:
+            return
         try:
             if self._process.poll() is None:
                 self._process.send_signal(signal.SIGINT)

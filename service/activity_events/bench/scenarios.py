@@ -9,12 +9,10 @@ too, so what is timed is the RPCs, not protobuf construction in Python.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import statistics
 import time
-from array import array
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,7 +25,7 @@ from activity_events import keys
 from activity_events.bench.channels import ChannelPool
 from activity_events.bench.options import Options
 from activity_events.bench.progress import Progress
-from activity_events.bench.stats import Meter, latency_fields, process_rss_mb
+from activity_events.bench.stats import Meter, latency_fields
 from activity_events.pb import activityevents_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -42,8 +40,10 @@ KEY_BUILDERS: dict[str, Callable[[int], str]] = {
     "meta": keys.meta,
 }
 
-_POLL_S = 0.05
-_SAMPLE_S = 0.5
+# Preloading history retries transient failures (creates are idempotent).
+_FILL_RETRIES = 3
+_RETRY_PAUSE_S = 0.5
+_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _OUTCOME_NAMES: dict[int, str] = {
     pb.OUTCOME_CREATED: "created",
     pb.OUTCOME_DUPLICATE: "duplicate",
@@ -64,9 +64,14 @@ class Context:
     pool: ChannelPool
     progress: Progress
     pids: dict[str, int] = field(default_factory=dict)
+    on_measure_start: Callable[[], None] | None = None
+    on_measure_stop: Callable[[], None] | None = None
 
     def meter(self) -> Meter:
-        return Meter(pids=dict(self.pids))
+        """A meter for the measured phase; the profiler hooks ride on it."""
+        return Meter(
+            pids=dict(self.pids), on_start=self.on_measure_start, on_stop=self.on_measure_stop
+        )
 
 
 def make_message(size: int, index: int) -> str:
@@ -174,9 +179,21 @@ class BatchRun:
 
 
 async def _send_batches(
-    ctx: Context, total: int, batch: int, concurrency: int, label: str
+    ctx: Context,
+    total: int,
+    batch: int,
+    concurrency: int,
+    label: str,
+    *,
+    retries: int = 0,
+    measured: bool = True,
 ) -> BatchRun:
-    """Sends events 0..total-1 as CreateEvents batches from ``concurrency`` workers."""
+    """Sends events 0..total-1 as CreateEvents batches from ``concurrency`` workers.
+
+    A batch that fails with a transient status is sent again up to ``retries``
+    times: safe, since creates are idempotent (a stored event comes back as a
+    duplicate). Measured runs use no retries, so every failure shows.
+    """
     o = ctx.options
     send_ns = time.time_ns()
     requests = [
@@ -195,17 +212,23 @@ async def _send_batches(
         create = ctx.pool.stub(slot).CreateEvents
         while (index := next(indexes)) < len(requests):
             request = requests[index]
-            started = time.perf_counter_ns()
-            try:
-                response = await create(request, timeout=o.timeout)
-            except grpc.aio.AioRpcError as exc:
-                errors[exc.code().name] += len(request.events)
-            else:
-                latencies.append(time.perf_counter_ns() - started)
-                outcomes.update(r.outcome for r in response.results)
+            for attempt in range(retries + 1):
+                started = time.perf_counter_ns()
+                try:
+                    response = await create(request, timeout=o.timeout)
+                except grpc.aio.AioRpcError as exc:
+                    if attempt < retries and exc.code() in _TRANSIENT:
+                        logger.warning("%s: batch %d failed (%s); again", label, index, exc.code())
+                        await asyncio.sleep(_RETRY_PAUSE_S * (attempt + 1))
+                        continue
+                    errors[exc.code().name] += len(request.events)
+                else:
+                    latencies.append(time.perf_counter_ns() - started)
+                    outcomes.update(r.outcome for r in response.results)
+                break
             ctx.progress.advance(len(request.events))
 
-    meter = ctx.meter()
+    meter = ctx.meter() if measured else Meter(pids=dict(ctx.pids))
     meter.start()
     await asyncio.gather(*(worker(slot) for slot in range(max(1, concurrency))))
     seconds = meter.stop()
@@ -236,11 +259,19 @@ async def run_ingest(ctx: Context) -> Result:
     }
 
 
-async def fill(ctx: Context) -> BatchRun:
+async def fill(ctx: Context, *, measured: bool = False) -> BatchRun:
     """Stores ``count`` events in each deployment of the run (not part of read figures)."""
     o = ctx.options
     total = o.count * o.deployments
-    run = await _send_batches(ctx, total, o.fill_batch, o.fill_concurrency, "fill")
+    run = await _send_batches(
+        ctx,
+        total,
+        o.fill_batch,
+        o.fill_concurrency,
+        "fill",
+        retries=_FILL_RETRIES,
+        measured=measured,
+    )
     stored = run.outcomes["created"] + run.outcomes["duplicate"]
     if stored != total:
         raise ScenarioError(
@@ -331,219 +362,6 @@ async def run_replay(ctx: Context) -> Result:
     return await _read_streams(ctx, "replay", read)
 
 
-# --- follow -----------------------------------------------------------------------
-
-
-@dataclass
-class _Follower:
-    deployment: int
-    received: set[str] = field(default_factory=set)
-    repeats: int = 0
-    caught_up: bool = False
-    end: str | None = None
-
-
-@dataclass
-class _FollowState:
-    followers: list[_Follower]
-    settled: int = 0
-    all_settled: asyncio.Event = field(default_factory=asyncio.Event)
-    xadd_ms: array[float] = field(default_factory=lambda: array("d"))
-    receive_ms: array[float] = field(default_factory=lambda: array("d"))
-    send_ms: array[float] = field(default_factory=lambda: array("d"))
-
-    def settle(self) -> None:
-        self.settled += 1
-        if self.settled >= len(self.followers):
-            self.all_settled.set()
-
-
-async def _follow_one(stub: Any, follower: _Follower, state: _FollowState) -> None:
-    """One follow stream: records each live event's delivery latency and cursor."""
-    call = stub.WatchEvents(pb.WatchEventsRequest(deployment_id=follower.deployment, follow=True))
-    try:
-        async for response in call:
-            if response.caught_up:
-                follower.caught_up = True
-                state.settle()
-                continue
-            now_ns = time.time_ns()
-            now_ms = now_ns / 1e6
-            for stored in response.events:
-                cursor = stored.cursor
-                if cursor in follower.received:
-                    follower.repeats += 1
-                    continue
-                follower.received.add(cursor)
-                ms = cursor_ms(cursor)
-                if ms is not None:
-                    state.xadd_ms.append(now_ms - ms)
-                stamp = stored.event.timestamp
-                state.receive_ms.append((now_ns - stamp.receive) / 1e6)
-                state.send_ms.append((now_ns - stamp.send) / 1e6)
-        follower.end = "OK"
-    except grpc.aio.AioRpcError as exc:
-        follower.end = exc.code().name
-    finally:
-        call.cancel()
-        if not follower.caught_up:
-            state.settle()
-
-
-async def _count_redis_clients(url: str, samples: list[int], stop: asyncio.Event) -> None:
-    """Samples CLIENT LIST every half second; this sampler's own connection is excluded."""
-    client = aioredis.Redis.from_url(url, socket_timeout=5.0, client_name="activity-bench")
-    try:
-        while not stop.is_set():
-            clients = await client.client_list()
-            samples.append(sum(1 for c in clients if c.get("name") != "activity-bench"))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), _SAMPLE_S)
-    finally:
-        await client.aclose()
-
-
-async def _sample_rss(pid: int, samples: list[float], stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        rss = process_rss_mb(pid)
-        if rss is not None:
-            samples.append(rss)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), _SAMPLE_S)
-
-
-async def run_follow(ctx: Context) -> Result:
-    """F followers over D deployments while a writer creates ``rate`` events/s.
-
-    Delivery latency is the follower's wall clock at arrival minus the
-    millisecond of the event's Redis entry id (its cursor): Redis stamps entry
-    ids from the same machine's wall clock when it runs the XADD, so on one
-    machine this is XADD -> follower, with 1 ms resolution (biased high by
-    under 1 ms). ``receive_*`` uses the server's receive time (ns, taken before
-    the XADD) and ``send_*`` the writer's send time (end to end).
-    """
-    o = ctx.options
-    ids = o.deployment_ids
-    state = _FollowState([_Follower(ids[k % len(ids)]) for k in range(o.followers)])
-    expected: dict[int, set[str]] = {d: set() for d in ids}
-    stop = asyncio.Event()
-    redis_samples: list[int] = []
-    rss_samples: list[float] = []
-    samplers: list[asyncio.Task[None]] = []
-    server_pid = ctx.pids.get("server")
-    idle_rss = process_rss_mb(server_pid) if server_pid else None
-    if o.redis_url:
-        samplers.append(asyncio.create_task(_count_redis_clients(o.redis_url, redis_samples, stop)))
-    if server_pid:
-        samplers.append(asyncio.create_task(_sample_rss(server_pid, rss_samples, stop)))
-    writer_pool = ChannelPool(o.target, 1)
-    tasks = [
-        asyncio.create_task(_follow_one(ctx.pool.stub(k), f, state))
-        for k, f in enumerate(state.followers)
-    ]
-    try:
-        ctx.progress.begin("follow: connect", o.followers)
-        deadline = time.monotonic() + max(o.timeout, 30.0)
-        while not state.all_settled.is_set() and time.monotonic() < deadline:
-            ctx.progress.done = state.settled
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(state.all_settled.wait(), _POLL_S)
-        await writer_pool.ready(o.timeout)
-        write = await _write_at_rate(ctx, writer_pool, expected)
-        # Drain: wait until every live follower has every event of its deployment.
-        drain_deadline = time.monotonic() + o.drain_timeout
-        while time.monotonic() < drain_deadline and any(  # noqa: ASYNC110 (polls many followers)
-            f.end is None and len(f.received) < len(expected[f.deployment]) for f in state.followers
-        ):
-            await asyncio.sleep(_POLL_S)
-    finally:
-        stop.set()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, *samplers, return_exceptions=True)
-        await writer_pool.close()
-
-    expected_deliveries = sum(len(expected[f.deployment]) for f in state.followers)
-    drops = sum(len(expected[f.deployment] - f.received) for f in state.followers)
-    ended = Counter(f.end for f in state.followers if f.end is not None)
-    deliveries = sum(len(f.received) for f in state.followers)
-    return {
-        "events": write["events"],
-        "seconds": write["seconds"],
-        "events_per_s": write["events_per_s"],
-        "followers": o.followers,
-        "followers_caught_up": sum(f.caught_up for f in state.followers),
-        "followers_ended": dict(ended),
-        "followers_exhausted": ended.get("RESOURCE_EXHAUSTED", 0),
-        "target_rate": o.rate,
-        "deliveries": deliveries,
-        "expected_deliveries": expected_deliveries,
-        "drops": drops,
-        "repeats": sum(f.repeats for f in state.followers),
-        **latency_fields(state.xadd_ms, per_ms=1.0),
-        **latency_fields(state.receive_ms, prefix="receive_", per_ms=1.0),
-        **latency_fields(state.send_ms, prefix="send_", per_ms=1.0),
-        "write_p50_ms": write["write_p50_ms"],
-        "write_p99_ms": write["write_p99_ms"],
-        "write_errors": write["errors"],
-        "redis_connections_max": max(redis_samples) if redis_samples else None,
-        "server_rss_mb_idle": idle_rss,
-        "server_rss_mb_max": max(rss_samples) if rss_samples else None,
-        **write["cpu"],
-    }
-
-
-async def _write_at_rate(
-    ctx: Context, pool: ChannelPool, expected: dict[int, set[str]]
-) -> dict[str, Any]:
-    """Creates rate x duration events on schedule, at most ``concurrency`` in flight."""
-    o = ctx.options
-    total = max(1, int(o.rate * o.duration))
-    requests = [make_event(o, i, 0) for i in range(total)]
-    create = pool.stub(0).CreateEvent
-    gate = asyncio.Semaphore(max(1, o.concurrency))
-    latencies: list[int] = []
-    errors: Counter[str] = Counter()
-    loop = asyncio.get_running_loop()
-
-    async def write(index: int) -> None:
-        request = requests[index]
-        async with gate:
-            request.timestamp.send = time.time_ns()
-            started = time.perf_counter_ns()
-            try:
-                response = await create(request, timeout=o.timeout)
-            except grpc.aio.AioRpcError as exc:
-                errors[exc.code().name] += 1
-                return
-            latencies.append(time.perf_counter_ns() - started)
-            expected[request.deployment_id].add(response.cursor)
-            ctx.progress.advance()
-
-    ctx.progress.begin("follow: write", total)
-    meter = ctx.meter()
-    meter.start()
-    start = loop.time()
-    writes = []
-    for index in range(total):
-        delay = start + index / o.rate - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        writes.append(asyncio.create_task(write(index)))
-    await asyncio.gather(*writes)
-    seconds = meter.stop()
-    fields = latency_fields(latencies)
-    return {
-        "events": len(latencies),
-        "seconds": round(seconds, 3),
-        "events_per_s": _rate(len(latencies), seconds),
-        "write_p50_ms": fields["p50_ms"],
-        "write_p99_ms": fields["p99_ms"],
-        "errors": sum(errors.values()),
-        "cpu": meter.fields(),
-    }
-
-
 # --- memory -----------------------------------------------------------------------
 
 
@@ -555,7 +373,7 @@ async def run_memory(ctx: Context) -> Result:
     client = aioredis.Redis.from_url(o.redis_url, socket_timeout=30.0)
     try:
         used_before = int((await client.info("memory"))["used_memory"])
-        stored = await fill(ctx)
+        stored = await fill(ctx, measured=True)
         events = o.count * o.deployments
         used_after = int((await client.info("memory"))["used_memory"])
         per_key: dict[str, int] = dict.fromkeys(KEY_BUILDERS, 0)
@@ -608,16 +426,6 @@ def _stored_protobuf_bytes(options: Options, events: int) -> float:
         event.timestamp.receive = now
         total += event.ByteSize()
     return total / events
-
-
-SCENARIO_RUNNERS: dict[str, Callable[[Context], Awaitable[Result]]] = {
-    "create": run_create,
-    "ingest": run_ingest,
-    "list": run_list,
-    "replay": run_replay,
-    "follow": run_follow,
-    "memory": run_memory,
-}
 
 
 async def cleanup(ctx: Context) -> None:

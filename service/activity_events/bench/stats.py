@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +76,9 @@ class Meter:
     """
 
     pids: dict[str, int] = field(default_factory=dict)
+    # Called when the measured phase starts and stops (e.g. to profile just that phase).
+    on_start: Callable[[], None] | None = None
+    on_stop: Callable[[], None] | None = None
     _wall0: float = 0.0
     _cpu0: float = 0.0
     _others0: dict[str, float | None] = field(default_factory=dict)
@@ -83,6 +86,8 @@ class Meter:
     _fields: dict[str, float | None] = field(default_factory=dict)
 
     def start(self) -> None:
+        if self.on_start is not None:
+            self.on_start()
         self._others0 = {role: process_cpu_seconds(pid) for role, pid in self.pids.items()}
         self._cpu0 = time.process_time()
         self._wall0 = time.perf_counter()
@@ -90,6 +95,8 @@ class Meter:
     def stop(self) -> float:
         """Ends the phase and returns its wall seconds."""
         self.seconds = max(time.perf_counter() - self._wall0, 1e-9)
+        if self.on_stop is not None:
+            self.on_stop()
         cpu = time.process_time() - self._cpu0
         self._fields = {"client_cpu_pct": round(100.0 * cpu / self.seconds, 1)}
         for role, pid in self.pids.items():
