@@ -24,7 +24,6 @@ import pytest
 import redis.asyncio as redis_asyncio
 
 from activity_events import keys
-from activity_events.events import Cursor, StoredEvent
 from activity_events.pb import activityevents_pb2 as pb
 from activity_events.pb import activityevents_pb2_grpc as pb_grpc
 from activity_events.subscriber import delivery_responses
@@ -186,8 +185,7 @@ def test_group_start_delivers_exactly_the_events_after_the_floor() -> None:
 def test_delivery_bytes_decode_as_subscribe_responses() -> None:
     payload = pb.EventRequest(id=7, message="x" * 300, deployment_id=3).SerializeToString()
     items = [
-        Delivered(StoredEvent(Cursor(3, 10, i), payload), i + 1, keys.events(3), b"10-0")
-        for i in range(10)
+        Delivered(b"3:10-%d" % i, payload, i + 1, keys.events(3), b"10-%d" % i) for i in range(10)
     ]
     messages = list(delivery_responses(items, 1000))
     assert len(messages) > 1

@@ -88,8 +88,8 @@ def delivery_bytes(item: Delivered) -> bytes:
     """``SubscribeResponse.deliveries`` entry (field 1) of one Delivery, assembled
     from the stored EventRequest bytes without decoding them:
     Delivery { EventRequest event = 1; string cursor = 2; int32 delivery_count = 3; }."""
-    payload = item.event.payload
-    cursor = str(item.event.cursor).encode()
+    payload = item.payload
+    cursor = item.cursor
     body = b"".join(
         (
             b"\x0a",
@@ -204,7 +204,8 @@ class Consumer:
         self.config = config
         self.name = name
         self.max_in_flight = max_in_flight
-        self.leases: dict[str, Lease] = {}
+        self.leases: dict[bytes, Lease] = {}
+        """Unacknowledged deliveries by cursor text (bytes, as sent)."""
         self.wake = asyncio.Event()
         self.hinted: set[str] = set()
         self.dirty: set[str] = set()
@@ -239,7 +240,7 @@ class Consumer:
     def lease(self, items: Sequence[Delivered]) -> None:
         deadline = time.monotonic() + self.config.visibility_ms / 1000
         for item in items:
-            self.leases[str(item.event.cursor)] = Lease(item, deadline)
+            self.leases[item.cursor] = Lease(item, deadline)
 
     # -- acknowledgements --------------------------------------------------------
 
@@ -261,7 +262,7 @@ class Consumer:
     async def ack(self, cursors: Sequence[str]) -> None:
         found: list[Delivered] = []
         for cursor in cursors:
-            lease = self.leases.pop(cursor, None)
+            lease = self.leases.pop(cursor.encode(), None)
             if lease is None:
                 self.ack_errors.append(
                     pb.AckError(

@@ -120,17 +120,18 @@ class SubscriptionConfig:
 
 @dataclass(slots=True)
 class Delivered:
-    """An event handed to a consumer: the event (original cursor), its delivery
-    count, and where it is pending (stream key and entry id), for the ack."""
+    """An event handed to a consumer, kept as the bytes that go on the wire
+    (no per-event decoding on the hot path): its cursor text, its EventRequest
+    bytes, its delivery count, and where it is pending (stream key and entry
+    id), for the ack."""
 
-    event: StoredEvent
+    cursor: bytes
+    """``"<deployment>:<entry id>"`` of the event itself (for a replayed dead
+    letter: of the original event, not of the replay entry)."""
+    payload: bytes
     count: int
     source: str
     entry: bytes
-
-    @property
-    def replayed(self) -> bool:
-        return self.source != keys.events(self.event.cursor.deployment_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,14 +409,23 @@ class SubscriptionStore:
             if len(rows) >= each:
                 more.add(key)
             d = keys.deployment_of(key)
-            replay = key != keys.events(d)
-            for entry, fields in rows:
-                if not fields:  # deleted while pending
-                    continue
-                origin = fields.get(b"c", entry) if replay else entry
-                cursor = Cursor.from_entry(d, origin)
-                event = StoredEvent(cursor, fields.get(keys.EVENT_FIELD, b""))
-                out.append(Delivered(event, 1, key, entry))
+            prefix = b"%d:" % d
+            if key == keys.events(d):
+                out += [
+                    Delivered(prefix + entry, fields.get(keys.EVENT_FIELD, b""), 1, key, entry)
+                    for entry, fields in rows
+                ]
+            else:  # a replay stream: the original entry id is in field "c"
+                out += [
+                    Delivered(
+                        prefix + fields.get(b"c", entry),
+                        fields.get(keys.EVENT_FIELD, b""),
+                        1,
+                        key,
+                        entry,
+                    )
+                    for entry, fields in rows
+                ]
         if missing:
             if await self.get(config.name) is None:
                 raise NotFound(f"subscription {config.name!r} was deleted")
@@ -445,11 +455,10 @@ class SubscriptionStore:
                         continue
                     raise StoreUnavailable(f"redis refused the claim script: {reply}")
                 dead += int(reply[0])
-                d = keys.deployment_of(key)
+                prefix = b"%d:" % keys.deployment_of(key)
                 for i in range(1, len(reply), 4):
                     entry, payload, origin, deliveries = reply[i : i + 4]
-                    event = StoredEvent(Cursor.from_entry(d, origin), payload)
-                    out.append(Delivered(event, int(deliveries), key, entry))
+                    out.append(Delivered(prefix + origin, payload, int(deliveries), key, entry))
             if dead:
                 self.metrics.dead_lettered.labels(config.name).inc(dead)
                 logger.info("subscription %s: %d events dead-lettered", config.name, dead)
