@@ -11,6 +11,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from activity_events import SERVICE_NAME
+from activity_events.pb import activityevents_pb2 as pb
+from activity_events.pb import activityevents_pb2_grpc as pb_grpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -72,3 +74,33 @@ async def test_undecodable_request_is_invalid_argument(server: Any, channel_fact
             raise AssertionError("no message expected")
     except grpc.aio.AioRpcError as error:
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_calls_arriving_while_draining_get_unavailable(
+    app_factory: Any, redis_server: Any, channel_factory: Any
+) -> None:
+    """While an in-flight call drains, new calls are refused with a retryable
+    UNAVAILABLE (not CANCELLED), and the in-flight call still completes."""
+    app = await app_factory(redis_timeout_seconds=3.0, grace_seconds=5.0)
+    stub = pb_grpc.ActivityEventsStub(channel_factory(app.port))
+    await stub.CreateEvent(pb.EventRequest(id=1, deployment_id=1, message="warm"), timeout=5)
+    redis_server.pause()
+    try:
+        in_flight = asyncio.ensure_future(
+            stub.CreateEvent(pb.EventRequest(id=2, deployment_id=1, message="slow"), timeout=10)
+        )
+        await asyncio.sleep(0.3)
+        stopping = asyncio.ensure_future(app.stop())
+        await asyncio.sleep(0.2)
+        try:
+            await stub.CreateEvent(pb.EventRequest(id=3, deployment_id=1), timeout=5)
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+            assert "shutting down" in (error.details() or "")
+        else:
+            raise AssertionError("a call accepted while draining")
+    finally:
+        redis_server.resume()
+    reply = await in_flight
+    assert reply.success and reply.id == 2
+    await asyncio.wait_for(stopping, 10)

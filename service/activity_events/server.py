@@ -197,12 +197,22 @@ class Application:
         """Graceful stop; safe to call more than once and after a failed start."""
         grace = self.settings.grace_seconds if grace is None else grace
         logger.info("shutting down: draining calls for up to %.1fs", grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         if self.health is not None:
             await self.health.shutdown()
+        if self.servicer is not None:
+            # New calls are refused with UNAVAILABLE (retry elsewhere) rather
+            # than cut off with CANCELLED once the gRPC server stops accepting.
+            self.servicer.draining = True
         if self.hub is not None:
             await self.hub.stop()
+        if self.servicer is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                    await self.servicer.unary_limit.wait_idle()
         if self.server is not None:
-            await self.server.stop(grace)
+            await self.server.stop(max(0.0, deadline - loop.time()))
             self.server = None
         if self.http is not None:
             await self.http.stop()

@@ -9,6 +9,7 @@ Redis commands. Streaming handlers are async generators (never
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -30,6 +31,7 @@ from .errors import (
     InvalidArgument,
     NotFound,
     OutOfRange,
+    ShuttingDown,
     StoreUnavailable,
 )
 from .events import Cursor, StoredEvent, validate_deployment_id, validate_new
@@ -115,16 +117,25 @@ class _Limit:
         self.size = size
         self.active = 0
         self.what = what
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
         if self.active >= self.size:
             raise Exhausted(f"too many {self.what} (limit {self.size}); retry later")
         self.active += 1
+        self._idle.clear()
         try:
             yield
         finally:
             self.active -= 1
+            if self.active == 0:
+                self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Wait until no call holds the limit (callers bound the wait)."""
+        await self._idle.wait()
 
 
 class ActivityEventsServicer:
@@ -141,6 +152,8 @@ class ActivityEventsServicer:
         self._hub = hub
         self._settings = settings
         self._metrics = metrics
+        self.draining = False
+        """Set at shutdown: new calls get UNAVAILABLE while in-flight ones finish."""
         self.unary_limit = _Limit(settings.max_concurrent_unary, "concurrent calls")
         self.follower_limit = _Limit(settings.max_followers, "followers")
 
@@ -164,6 +177,8 @@ class ActivityEventsServicer:
     ) -> AsyncIterator[None]:
         """Map domain errors to statuses; refuse malformed requests and calls over a limit."""
         try:
+            if self.draining:
+                raise ShuttingDown("server is shutting down; retry on another replica")
             if isinstance(request, Malformed):
                 raise request.error()
             if limit is None:
