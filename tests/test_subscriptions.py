@@ -843,3 +843,21 @@ async def test_redis_unreachable_ends_consumers_with_unavailable(
     assert all(d.delivery_count >= 2 for d in events)
     await asyncio.sleep(0.5)
     assert len(again.deliveries) == 5
+
+
+async def test_consumers_per_replica_are_capped(
+    app_factory: Any, channel_factory: Any, consumers: Any
+) -> None:
+    app = await app_factory(max_followers=2)
+    channel = channel_factory(app.port)
+    kept = [consumers(channel, subscription="capped", deployment_id=34) for _ in range(2)]
+    for consumer in kept:
+        await consumer.until_open()
+    refused = consumers(channel, subscription="capped", deployment_id=34)
+    await asyncio.wait_for(refused.ended.wait(), RPC_TIMEOUT)
+    assert refused.error is not None
+    assert refused.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    await kept[0].close()
+    await asyncio.sleep(0.2)
+    again = consumers(channel, subscription="capped", deployment_id=34)
+    await again.until_open()

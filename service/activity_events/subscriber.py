@@ -34,7 +34,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from . import keys
-from .errors import ActivityError, FollowerLagged, InvalidArgument, NotFound
+from .errors import ActivityError, Exhausted, FollowerLagged, InvalidArgument, NotFound
 from .events import Cursor, validate_deployment_id
 from .hub import ALL, Hub, Subscription
 from .pb import activityevents_pb2 as pb
@@ -416,6 +416,12 @@ class SubscriptionsServicer:
     ) -> AsyncIterator[bytes]:
         async with self._call(context):
             opening = await self._first(requests)
+            connected = sum(len(c) for c in self._consumers.values())
+            if connected >= self._settings.max_followers:
+                raise Exhausted(
+                    f"too many consumers on this replica (limit {self._settings.max_followers}, "
+                    "the max_followers setting); retry later or on another replica"
+                )
             config = await self.subs.open(
                 opening.subscription,
                 opening.deployment_id,
