@@ -12,6 +12,8 @@ chart sets is a name the server's Settings actually read.
 from __future__ import annotations
 
 import base64
+import importlib.util
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,7 +64,8 @@ SET_COMBINATIONS = {
     "password": "redis.url=rediss://redis.example:6380/0,redis.password=s3cret",
     "everything": (
         "autoscaling.enabled=true,metrics.serviceMonitor.enabled=true,headless.enabled=true,"
-        "networkPolicy.enabled=true,tls.enabled=true,tls.existingSecret=t,devRedis.enabled=true,"
+        "networkPolicy.enabled=true,tls.enabled=true,tls.existingSecret=t,tls.clientAuth=true,"
+        "devRedis.enabled=true,"
         "auth.enabled=true,auth.existingSecret=a"
     ),
 }
@@ -236,34 +239,36 @@ def test_every_env_name_is_a_settings_name(name: str) -> None:
     assert {"PORT", "ACTIVITY_METRICS_PORT", "ACTIVITY_GRACE_SECONDS"} <= set(env)
 
 
+def load_schema_generator() -> Any:
+    """scripts/gen_chart_schema.py as a module (scripts/ is not a package)."""
+    path = ROOT / "scripts" / "gen_chart_schema.py"
+    spec = importlib.util.spec_from_file_location("gen_chart_schema", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_schema_settings_are_exactly_the_configurable_settings() -> None:
     """values.schema.json lists every setting the chart does not manage itself."""
-    import json  # noqa: PLC0415
-
+    generator = load_schema_generator()
     schema = json.loads((CHART / "values.schema.json").read_text())
     in_schema = set(schema["properties"]["settings"]["properties"])
-    managed = {
-        "port",
-        "host",
-        "metrics_port",
-        "metrics_host",
-        "data_dir",
-        "redis_url",
-        "redis_password",
-        "redis_username",
-        "consul_http_token",
-        # File paths of mounted Secrets:
-        "tls_cert_file",
-        "tls_key_file",
-        "tls_client_ca_file",
-        "auth_tokens_file",
-        "redis_tls_ca_file",
-        "redis_tls_cert_file",
-        "redis_tls_key_file",
-    }
-    assert in_schema == set(Settings.model_fields) - managed, (
-        "update helm/activity-events/values.schema.json (settings) to match Settings"
+    assert in_schema == set(Settings.model_fields) - generator.CHART_MANAGED, (
+        "run: python scripts/gen_chart_schema.py"
     )
+    assert generator.main(["--check"]) == 0, "run: python scripts/gen_chart_schema.py"
+    assert set(Settings.model_fields) >= generator.CHART_MANAGED, "a managed setting vanished"
+    # Each managed setting is really set by the chart somewhere.
+    everything = render(helm.parse_set_string(SET_COMBINATIONS["everything"]))
+    names = set(rendered_env(everything))
+    names |= set(rendered_env(render(VALUE_SETS["redis-tls"])))
+    names |= set(rendered_env(render(VALUE_SETS["password"])))
+    expected = {
+        ("PORT" if name == "port" else f"ACTIVITY_{name.upper()}")
+        for name in generator.CHART_MANAGED - {"consul_http_token"}
+    }
+    assert expected <= names, sorted(expected - names)
 
 
 def test_rendered_config_is_accepted_by_settings(monkeypatch: pytest.MonkeyPatch) -> None:
