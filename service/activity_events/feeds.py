@@ -1,0 +1,203 @@
+"""What the activity page shows: deployment rows, event pages and live feeds.
+
+History comes from the :class:`~activity_events.store.EventStore`, live events
+from the per-replica :class:`~activity_events.hub.Hub`, exactly like gRPC
+followers, so a browser costs no Redis connection of its own and sees events
+created through any replica.
+
+Two live feeds, both Server-Sent Events:
+
+- One deployment: subscribe to the hub first, then send the history strictly
+  after the browser's last cursor (``Last-Event-ID``), then live events,
+  dropping any the history already sent. Every message's ``id:`` is its
+  cursor, so EventSource's own reconnect resumes with no gap and no repeat.
+  A browser that is too far behind (more than :data:`CATCH_UP_MAX` events, or
+  a cursor retention removed) is told to ``reset``: it reloads the newest page
+  and pages back with "load older".
+- All deployments (the list page): subscribe first, then a ``snapshot`` of the
+  rows, then every new event. The browser keeps per row the newest cursor it
+  has applied and ignores anything not newer, so events that arrive both in
+  the snapshot and live are counted once. Each connect starts with a fresh
+  snapshot, so a reconnect needs no resume position.
+
+Timestamps travel as strings of nanoseconds: they exceed JavaScript's exact
+integer range, and the page shows them exactly on hover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any
+
+from . import keys
+from .errors import FollowerLagged, OutOfRange
+from .events import Cursor, StoredEvent
+from .hub import ALL, Hub
+from .store import EventStore, _stored
+from .web import SSE_KEEPALIVE, sse_frame, sse_retry
+
+logger = logging.getLogger(__name__)
+
+CATCH_UP_MAX = 1000
+"""Most missed events sent to a reconnecting browser; beyond that it reloads instead."""
+
+MAX_HISTORY_ROUNDS = 3
+"""Times a feed re-reads history when live events overflowed its queue meanwhile."""
+
+HEARTBEAT_SECONDS = 15.0
+"""Idle time after which a keep-alive comment is sent (finds browsers that left)."""
+
+RETRY_MS = 1000
+"""How long EventSource waits before reconnecting a dropped stream."""
+
+LIVE_BATCH = 200
+"""Most queued events taken from the hub at once."""
+
+SUMMARY_CHUNK = 500
+"""Deployments summarised per Redis round trip."""
+
+
+def event_json(event: StoredEvent) -> dict[str, Any]:
+    """The page's view of one event."""
+    request = event.decode()
+    return {
+        "cursor": str(event.cursor),
+        "deployment_id": event.cursor.deployment_id,
+        "id": request.id,
+        "message": request.message,
+        "send": str(request.timestamp.send),
+        "receive": str(request.timestamp.receive),
+    }
+
+
+async def events_before(
+    store: EventStore, deployment_id: int, before: Cursor | None, limit: int, wait: float
+) -> list[StoredEvent]:
+    """Up to ``limit`` events of one deployment, newest first, strictly before ``before``.
+
+    The store reads oldest first only; the newest-first page a person reads is
+    one XREVRANGE on the deployment's stream, given up after ``wait`` seconds.
+    """
+    newest = "+" if before is None else "(" + before.entry_id
+    rows: Any = await asyncio.wait_for(
+        store.redis.xrevrange(keys.events(deployment_id), newest, "-", count=limit), wait
+    )
+    return [_stored(deployment_id, entry, fields) for entry, fields in rows]
+
+
+def _row(summary: Any) -> dict[str, Any]:
+    last: StoredEvent | None = summary.last
+    first: StoredEvent | None = summary.first
+    row: dict[str, Any] = {
+        "id": summary.deployment_id,
+        "event_count": summary.event_count,
+        "first_receive": str(first.decode().timestamp.receive) if first else None,
+        "last": event_json(last) if last else None,
+    }
+    return row
+
+
+def _recency(row: dict[str, Any]) -> tuple[int, int, int]:
+    last = row["last"]
+    if last is None:
+        return (-1, -1, row["id"])
+    cursor = Cursor.parse(last["cursor"], deployment_id=row["id"])
+    return (cursor.ms, cursor.seq, row["id"])
+
+
+async def deployment_rows(
+    store: EventStore, limit: int, ids: Sequence[int] | None = None
+) -> tuple[list[dict[str, Any]], int]:
+    """The ``limit`` deployments with the newest activity, newest first, and how many exist.
+
+    Ordering by activity needs every deployment's newest entry: one pipelined
+    round trip per :data:`SUMMARY_CHUNK` deployments.
+    """
+    known = list(ids) if ids is not None else await store.deployment_ids()
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(known), SUMMARY_CHUNK):
+        for summary in await store.summaries(known[start : start + SUMMARY_CHUNK]):
+            if summary.event_count or ids is not None:
+                rows.append(_row(summary))
+    rows.sort(key=_recency, reverse=True)
+    return rows[:limit], len(rows)
+
+
+async def _live(
+    hub: Hub, sub: Any, seen: dict[int, Cursor], event: str
+) -> AsyncGenerator[bytes, None]:
+    """Live events from ``sub`` not older than what ``seen`` records, per deployment."""
+    newest = max(seen.values()) if seen else None
+    while not hub.stopping:
+        try:
+            batch = await asyncio.wait_for(
+                sub.next_batch(str(newest) if newest else None, LIVE_BATCH), HEARTBEAT_SECONDS
+            )
+        except TimeoutError:
+            yield SSE_KEEPALIVE
+            continue
+        except FollowerLagged:
+            logger.info("page feed fell behind; the browser reconnects and catches up")
+            return
+        for stored in batch:
+            cursor = stored.cursor
+            prior = seen.get(cursor.deployment_id)
+            if prior is not None and cursor.key() <= prior.key():
+                continue
+            seen[cursor.deployment_id] = cursor
+            newest = cursor if newest is None or newest < cursor else newest
+            yield sse_frame(event_json(stored), event=event, event_id=str(cursor))
+
+
+async def deployment_feed(
+    store: EventStore, hub: Hub, deployment_id: int, after: Cursor
+) -> AsyncGenerator[bytes, None]:
+    """SSE of one deployment: history strictly after ``after``, then live (module doc)."""
+    sub = await hub.subscribe(deployment_id)
+    try:
+        yield sse_retry(RETRY_MS)
+        try:
+            await store.check_cursor(after)
+        except OutOfRange:
+            yield sse_frame({"reason": "events were removed by retention"}, event="reset")
+            return
+        seen = {deployment_id: after}
+        sent = 0
+        for _ in range(MAX_HISTORY_ROUNDS):
+            async for page in store.history(deployment_id, seen[deployment_id]):
+                sent += len(page)
+                if sent > CATCH_UP_MAX:
+                    yield sse_frame({"reason": "too many missed events"}, event="reset")
+                    return
+                for stored in page:
+                    seen[deployment_id] = stored.cursor
+                    yield sse_frame(event_json(stored), event="event", event_id=str(stored.cursor))
+            if not sub.lagged:
+                break
+            sub.reset()  # live events overflowed meanwhile: read them from Redis instead
+        else:
+            return  # cannot keep up; the browser reconnects from its last cursor
+        yield sse_frame({"cursor": str(seen[deployment_id])}, event="live")
+        async for frame in _live(hub, sub, seen, "event"):
+            yield frame
+    finally:
+        sub.close()
+
+
+async def list_feed(store: EventStore, hub: Hub, limit: int) -> AsyncGenerator[bytes, None]:
+    """SSE of all deployments: a snapshot of the rows, then every new event (module doc)."""
+    sub = await hub.subscribe(ALL)
+    try:
+        yield sse_retry(RETRY_MS)
+        rows, total = await deployment_rows(store, limit)
+        yield sse_frame({"deployments": rows, "total": total}, event="snapshot")
+        seen: dict[int, Cursor] = {}
+        for row in rows:
+            if row["last"] is not None:
+                seen[row["id"]] = Cursor.parse(row["last"]["cursor"], deployment_id=row["id"])
+        async for frame in _live(hub, sub, seen, "event"):
+            yield frame
+    finally:
+        sub.close()

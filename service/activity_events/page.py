@@ -1,0 +1,400 @@
+"""The activity page: deployments and their events in a browser, live.
+
+Served on the HTTP side port beside ``/metrics`` (or on ``page_port``), off
+with ``page_enabled=false``. Routes:
+
+- ``/`` and ``/deployments/<id>``: the two pages (static HTML; data comes
+  from the API below, so the HTML itself holds nothing secret).
+- ``/static/<file>``: the page's CSS and JavaScript, shipped in the package
+  (no CDN: the page works offline).
+- ``/api/deployments?limit=N``: rows of the newest-active deployments.
+- ``/api/deployments/<id>``: one deployment's row.
+- ``/api/deployments/<id>/events?before=CURSOR&limit=N``: a page of events,
+  newest first, strictly before the cursor ("load older").
+- ``/api/deployments/<id>/stream`` (``Last-Event-ID`` or ``?after=CURSOR``)
+  and ``/api/stream``: Server-Sent Events, see :mod:`activity_events.feeds`.
+
+With ``auth_tokens_file`` set, every ``/api`` route needs a token with the
+reader role (or admin), checked in constant time against the same token
+table the gRPC interceptor uses. The browser sends it as ``Authorization:
+Bearer`` on fetches and as the ``access_token`` query parameter (RFC 6750)
+on EventSource, which cannot set headers; responses carry no-referrer and
+no-store so the URL does not travel further.
+
+Live streams count against ``max_followers`` like gRPC followers; beyond it
+the stream is refused with 503 and ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import AsyncGenerator
+from http import HTTPStatus
+from importlib import resources
+from typing import Any
+
+from . import auth
+from .errors import ActivityError, InvalidArgument, StoreUnavailable
+from .events import Cursor
+from .feeds import deployment_feed, deployment_rows, event_json, events_before, list_feed
+from .hub import Hub
+from .settings import Settings
+from .store import REDIS_DOWN, EventStore
+from .web import BadRequest, Request, parse_head, response_head, send, send_error, send_json
+
+logger = logging.getLogger(__name__)
+
+INT32_MAX = 2**31 - 1
+
+DEFAULT_PAGE = 50
+"""Events per "load older" page unless the browser asks for another size."""
+
+MAX_PAGE = 500
+"""Largest page of events or deployments one request may ask for."""
+
+DEFAULT_ROWS = 200
+"""Deployments on the list page."""
+
+REQUEST_TIMEOUT_SECONDS = 5.0
+"""A client that has not sent its request head by then is dropped (own port only)."""
+
+MAX_HEAD_BYTES = 16 * 1024
+
+STATIC_TYPES = {
+    ".css": "text/css; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".html": "text/html; charset=utf-8",
+    ".svg": "image/svg+xml",
+}
+
+PAGES = {"list": "index.html", "deployment": "deployment.html"}
+
+_DEPLOYMENT = re.compile(r"^/deployments/(\d{1,10})/?$")
+_API_DEPLOYMENT = re.compile(r"^/api/deployments/(\d{1,10})(/events|/stream)?$")
+_STATIC = re.compile(r"^/static/([a-z0-9][a-z0-9._-]*)$")
+
+
+class ClientError(Exception):
+    """A request the page refuses with a 4xx status and a one-line reason."""
+
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _deployment_id(text: str) -> int:
+    value = int(text)
+    if not 0 < value <= INT32_MAX:
+        raise ClientError(HTTPStatus.NOT_FOUND, "no such deployment")
+    return value
+
+
+def _limit(request: Request, default: int) -> int:
+    text = request.arg("limit")
+    if text is None or text == "":
+        return default
+    if not text.isdigit() or not 0 < int(text) <= MAX_PAGE:
+        raise ClientError(HTTPStatus.BAD_REQUEST, f"limit must be 1 to {MAX_PAGE}")
+    return int(text)
+
+
+def _cursor(text: str | None, deployment_id: int, name: str) -> Cursor | None:
+    if text is None or text.strip() == "":
+        return None
+    try:
+        return Cursor.parse(text, deployment_id=deployment_id, field=name)
+    except InvalidArgument as error:
+        raise ClientError(HTTPStatus.BAD_REQUEST, str(error)) from None
+
+
+class ActivityPage:
+    """Routes and serves the page's requests; see the module docstring."""
+
+    def __init__(self, store: EventStore, hub: Hub, settings: Settings) -> None:
+        self.store = store
+        self.hub = hub
+        self.settings = settings
+        self.tokens = (
+            auth.TokenTable(settings.auth_tokens_file) if settings.auth_tokens_file else None
+        )
+        self.max_streams = settings.max_followers
+        self._streams: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self._assets = resources.files(__package__) / "static"
+
+    # -- lifecycle -------------------------------------------------------------
+
+    @property
+    def stream_count(self) -> int:
+        """Live streams open now."""
+        return len(self._streams)
+
+    @property
+    def port(self) -> int | None:
+        """The page's own port (``page_port``), or None when it shares the metrics port."""
+        if self._server is None or not self._server.sockets:
+            return None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def listen(self, host: str, port: int) -> int:
+        """Serve on a port of its own (``page_port``); returns the bound port."""
+        self._server = await asyncio.start_server(
+            self._handle, host, port, reuse_address=True, limit=MAX_HEAD_BYTES
+        )
+        bound = self.port
+        assert bound is not None
+        logger.info("Activity page is served on http://%s:%d/", host, bound)
+        return bound
+
+    def drop_streams(self) -> int:
+        """End every live stream now (browsers reconnect and resume); how many were open."""
+        streams = list(self._streams)
+        for task in streams:
+            task.cancel()
+        return len(streams)
+
+    async def stop(self) -> None:
+        """Close the page's own port and end live streams."""
+        if self._server is not None:
+            self._server.close()
+        streams = list(self._streams)
+        self.drop_streams()
+        if streams:
+            await asyncio.wait(streams, timeout=2.0)
+        if self._server is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), timeout=2.0)
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Connections of the page's own port: one request each."""
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_SECONDS)
+            if not await self.serve(head, reader, writer):
+                await send(writer, None, HTTPStatus.NOT_FOUND, "text/plain", b"not found\n")
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            with contextlib.suppress(ConnectionError):
+                await send(writer, None, HTTPStatus.BAD_REQUEST, "text/plain", b"bad request\n")
+        except ConnectionError:
+            pass
+        except Exception:
+            logger.exception("activity page failed to answer")
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    # -- routing ---------------------------------------------------------------
+
+    @staticmethod
+    def claims(path: str) -> bool:
+        return (
+            path == "/"
+            or path.startswith("/deployments/")
+            or path.startswith("/api/")
+            or path.startswith("/static/")
+        )
+
+    async def serve(
+        self, head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        """Answer a request if it is the page's; False leaves it to the caller.
+
+        The caller closes the connection afterwards.
+        """
+        try:
+            request = parse_head(head)
+        except BadRequest:
+            return False
+        if not self.claims(request.path):
+            return False
+        if request.method not in {"GET", "HEAD"}:
+            await send_error(writer, request, HTTPStatus.METHOD_NOT_ALLOWED, "GET only",
+                             {"Allow": "GET, HEAD"})  # fmt: skip
+            return True
+        try:
+            await self._route(request, reader, writer)
+        except ClientError as error:
+            await send_error(writer, request, error.status, error.message)
+        except (StoreUnavailable, TimeoutError, *REDIS_DOWN) as error:
+            logger.warning("activity page: store unavailable (%s)", type(error).__name__)
+            await send_error(writer, request, HTTPStatus.SERVICE_UNAVAILABLE,
+                             "the event store is unavailable; retry shortly",
+                             {"Retry-After": "2"})  # fmt: skip
+        except ActivityError as error:
+            await send_error(writer, request, HTTPStatus.BAD_REQUEST, str(error))
+        return True
+
+    async def _route(
+        self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        path = request.path
+        if path == "/":
+            await self._asset(writer, request, PAGES["list"])
+            return
+        match = _DEPLOYMENT.match(path)
+        if match:
+            _deployment_id(match.group(1))
+            await self._asset(writer, request, PAGES["deployment"])
+            return
+        match = _STATIC.match(path)
+        if match:
+            await self._asset(writer, request, match.group(1))
+            return
+        if path.startswith("/api/"):
+            self._authorize(request)
+            await self._api(request, reader, writer)
+            return
+        raise ClientError(HTTPStatus.NOT_FOUND, "not found")
+
+    async def _api(
+        self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        path = request.path
+        if path == "/api/deployments":
+            rows, total = await deployment_rows(self.store, _limit(request, DEFAULT_ROWS))
+            await send_json(writer, request, {"deployments": rows, "total": total})
+            return
+        if path == "/api/stream":
+            feed = list_feed(self.store, self.hub, _limit(request, DEFAULT_ROWS))
+            await self._stream(request, reader, writer, feed)
+            return
+        match = _API_DEPLOYMENT.match(path)
+        if not match:
+            raise ClientError(HTTPStatus.NOT_FOUND, "not found")
+        deployment = _deployment_id(match.group(1))
+        kind = match.group(2)
+        if kind is None:
+            rows, _ = await deployment_rows(self.store, 1, ids=[deployment])
+            if not rows or not rows[0]["event_count"]:
+                raise ClientError(HTTPStatus.NOT_FOUND, f"deployment {deployment} has no events")
+            await send_json(writer, request, rows[0])
+        elif kind == "/events":
+            await self._events(request, writer, deployment)
+        else:
+            resume = request.headers.get("last-event-id") or request.arg("after")
+            after = _cursor(resume, deployment, "after")
+            if after is None:
+                raise ClientError(
+                    HTTPStatus.BAD_REQUEST,
+                    "after: a cursor is needed (the newest one shown, or '0-0' for all)",
+                )
+            feed = deployment_feed(self.store, self.hub, deployment, after)
+            await self._stream(request, reader, writer, feed)
+
+    async def _events(
+        self, request: Request, writer: asyncio.StreamWriter, deployment: int
+    ) -> None:
+        before = _cursor(request.arg("before"), deployment, "before")
+        limit = _limit(request, DEFAULT_PAGE)
+        events = await events_before(
+            self.store, deployment, before, limit, self.settings.redis_timeout_seconds
+        )
+        body = {
+            "events": [event_json(e) for e in events],
+            "older": str(events[-1].cursor) if len(events) == limit else None,
+        }
+        await send_json(writer, request, body)
+
+    # -- pieces ----------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        """Raise 401/403 unless auth is off or the request carries a reader token."""
+        if self.tokens is None:
+            return
+        header = request.headers.get("authorization")
+        token = auth.bearer_token([("authorization", header)] if header else None)
+        if token is None:
+            token = request.arg("access_token") or None
+        principal = self.tokens.lookup(token) if token else None
+        if principal is None:
+            reason = "missing bearer token" if token is None else "unknown bearer token"
+            raise ClientError(HTTPStatus.UNAUTHORIZED, reason)
+        if not principal.may("reader"):
+            raise ClientError(HTTPStatus.FORBIDDEN, "the page needs a token with role reader")
+
+    async def _asset(self, writer: asyncio.StreamWriter, request: Request, name: str) -> None:
+        suffix = name[name.rfind(".") :] if "." in name else ""
+        content_type = STATIC_TYPES.get(suffix)
+        asset = self._assets / name
+        if content_type is None or not asset.is_file():
+            raise ClientError(HTTPStatus.NOT_FOUND, "not found")
+        await send(writer, request, HTTPStatus.OK, content_type, asset.read_bytes(),
+                   {"Cache-Control": "no-cache"})  # fmt: skip
+
+    async def _stream(
+        self,
+        request: Request,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        feed: AsyncGenerator[bytes, None],
+    ) -> None:
+        """Send an SSE feed until it ends, the browser leaves, or the stream is dropped."""
+        if len(self._streams) >= self.max_streams or self.hub.stopping:
+            await feed.aclose()
+            await send_error(
+                writer,
+                request,
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                f"too many live streams (limit {self.max_streams}); retry later",
+                {"Retry-After": "5"},
+            )
+            return
+        writer.write(
+            response_head(
+                HTTPStatus.OK,
+                "text/event-stream; charset=utf-8",
+                None,
+                {"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+            )
+        )
+        if request.head_only:
+            await feed.aclose()
+            return
+
+        async def pump() -> None:
+            async for frame in feed:
+                writer.write(frame)
+                await writer.drain()
+
+        task = asyncio.create_task(pump(), name="page-stream")
+        gone = asyncio.create_task(reader.read(1), name="page-stream-peer")
+        self._streams.add(task)
+        try:
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._streams.discard(task)
+            for child in (task, gone):
+                child.cancel()
+            for child in (task, gone):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await child
+            await feed.aclose()
+        if task.done() and not task.cancelled():
+            error = task.exception()
+            if error is not None and not isinstance(error, ConnectionError):
+                logger.warning("activity page stream ended by %s: %s", type(error).__name__, error)
+
+
+async def start_page(
+    settings: Settings, store: EventStore, hub: Hub, http: Any
+) -> ActivityPage | None:
+    """Build the page and attach it to the HTTP side port (or its own ``page_port``).
+
+    ``http`` is the running :class:`~activity_events.httpserver.MetricsServer`;
+    returns None when ``page_enabled`` is false. Call :meth:`ActivityPage.stop`
+    before stopping the hub and the HTTP side port.
+    """
+    if not settings.page_enabled:
+        return None
+    page = ActivityPage(store, hub, settings)
+    if settings.page_port is None:
+        http.page = page
+        logger.info("Activity page is served on the HTTP side port")
+    else:
+        await page.listen(settings.metrics_host, settings.page_port)
+    return page
