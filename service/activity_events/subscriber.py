@@ -478,6 +478,11 @@ class SubscriptionsServicer:
             self._consumers.pop(name, None)
         if not consumer.deleted:
             self.metrics.consumers.labels(name).set(len(local))
+        if not self._consumers and self._monitor is not None:
+            # The last consumer left (at the latest when the server stops): no
+            # task outlives the streams.
+            self._monitor.cancel()
+            self._monitor = None
 
     async def _watch_stats(self) -> None:
         """Refresh the lag/pending gauges of subscriptions consumed on this replica."""
