@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from activity_events import feeds
 from activity_events.page import ActivityPage, start_page
 from activity_events.pb import activityevents_pb2 as pb
 from activity_events.pb import activityevents_pb2_grpc as pb_grpc
@@ -316,6 +317,60 @@ async def test_live_streams_are_bounded_and_end_when_dropped(page_factory: PageF
         assert again.status == 200  # the slot was given back
     finally:
         await again.close()
+
+
+async def test_a_stream_that_falls_behind_ends_and_resumes_without_gap(
+    page_factory: PageFactory,
+) -> None:
+    """Like a gRPC follower, a stream whose queue overflows is ended, never left to grow;
+    the browser's reconnect with Last-Event-ID then reads the rest from history."""
+    server = await page_factory(follower_queue=2)
+    stream = await EventStream.open(server.port, "/api/deployments/6/stream?after=0-0")
+    burst = pb.CreateEventsRequest(
+        events=[pb.EventRequest(id=i, deployment_id=6, message=f"burst {i}") for i in range(1, 41)]
+    )
+    received: list[dict[str, Any]] = []
+    try:
+        assert (await stream.message())["event"] == "live"
+        await server.stub.CreateEvents(burst, timeout=TIMEOUT)
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while len(received) < 40:
+                message = await stream.message()
+                if message.get("event") == "event":
+                    received.append(message)
+    finally:
+        await stream.close()
+    assert len(received) < 40  # the overflowing stream was ended
+    resumed = await EventStream.open(
+        server.port,
+        "/api/deployments/6/stream?after=0-0",
+        {"Last-Event-ID": received[-1]["id"] if received else "0-0"},
+    )
+    try:
+        rest = await resumed.events(40 - len(received))
+    finally:
+        await resumed.close()
+    ids = [m["data"]["id"] for m in received + rest]
+    assert ids == list(range(1, 41))
+
+
+async def test_a_browser_too_far_behind_is_told_to_reset(
+    page_factory: PageFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(feeds, "CATCH_UP_MAX", 3)
+    server = await page_factory()
+    first = await server.create(7, 1, "seen")
+    for event_id in range(2, 7):
+        await server.create(7, event_id, f"missed {event_id}")
+    stream = await EventStream.open(
+        server.port, "/api/deployments/7/stream", {"Last-Event-ID": first.cursor}
+    )
+    try:
+        message = await stream.message()
+        assert message["event"] == "reset"
+        assert await asyncio.wait_for(stream.reader.read(), TIMEOUT) == b""
+    finally:
+        await stream.close()
 
 
 async def test_api_needs_a_reader_token_when_auth_is_on(
