@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import gc
 import json
 import os
 import signal
@@ -523,85 +522,129 @@ async def redis_clients(url: str) -> int:
         await client.aclose()
 
 
-async def test_dropped_follow_streams_release_their_resources(
-    redis_factory: Callable[..., RedisProcess], app_factory: Any
-) -> None:
-    """5,000 follow streams opened and dropped: RSS, tasks, Redis connections back near baseline.
+class FollowChurn:
+    """Opens follow streams on a server, reads to the caught-up marker, drops them."""
 
-    In-process, so the server's tasks can be counted with ``asyncio.all_tasks()``
-    (the test's own client tasks are gone by the time it measures); RSS is this
-    process's, server and client together, read from /proc.
-    """
-    redis = redis_factory()
-    app = await app_factory(redis_url=redis.url)
-    deployments = 50
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") for _ in range(8)]
-    stubs = [pb_grpc.ActivityEventsStub(c) for c in channels]
-    await stubs[0].CreateEvents(
-        pb.CreateEventsRequest(events=[event(d, 1) for d in range(1, deployments + 1)]), timeout=5
-    )
-    caught_up = 0
+    def __init__(self, port: int, deployments: int = 50, channels: int = 8) -> None:
+        self.deployments = deployments
+        self.channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(channels)]
+        self.stubs = [pb_grpc.ActivityEventsStub(c) for c in self.channels]
+        self.caught_up = 0
 
-    async def follow_and_drop(n: int) -> None:
-        nonlocal caught_up
-        request = pb.WatchEventsRequest(deployment_id=n % (deployments + 1), follow=True)
-        call = stubs[n % len(stubs)].WatchEvents(request, timeout=30)
+    async def seed(self) -> None:
+        events = [event(d, 1) for d in range(1, self.deployments + 1)]
+        await self.stubs[0].CreateEvents(pb.CreateEventsRequest(events=events), timeout=10)
+
+    async def _one(self, n: int) -> None:
+        request = pb.WatchEventsRequest(deployment_id=n % (self.deployments + 1), follow=True)
+        call = self.stubs[n % len(self.stubs)].WatchEvents(request, timeout=30)
         async for message in call:
             if message.caught_up:
-                caught_up += 1
+                self.caught_up += 1
                 break
         call.cancel()
 
-    async def wave(start: int, count: int, concurrency: int = 250) -> None:
+    async def wave(self, start: int, count: int, concurrency: int = 250) -> float:
+        """Seconds taken to open and drop ``count`` streams, ``concurrency`` at a time."""
+        began = time.monotonic()
         for first in range(start, start + count, concurrency):
-            await asyncio.gather(
-                *(follow_and_drop(n) for n in range(first, min(first + concurrency, start + count)))
-            )
+            last = min(first + concurrency, start + count)
+            await asyncio.gather(*(self._one(n) for n in range(first, last)))
+        return time.monotonic() - began
+
+    async def close(self) -> None:
+        for channel in self.channels:
+            await channel.close(None)
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def test_dropped_follow_streams_release_their_resources(
+    redis_factory: Callable[..., RedisProcess], server_process_factory: Any
+) -> None:
+    """5,000 follow streams opened and dropped: the server's RSS, file descriptors and Redis
+    connections return near their baseline, and 2,000 more do not grow them further."""
+    redis = redis_factory()
+    process = server_process_factory(server_env(redis))
+    await asyncio.to_thread(process.start)
+    pid = process.pid
+    assert pid is not None
+    churn = FollowChurn(process.port)
+
+    async def settle() -> None:
+        await asyncio.sleep(1.5)  # the server drops cancelled followers on its own time
+
+    try:
+        await churn.seed()
+        await churn.wave(0, 500)  # warm-up: allocator pools, connection state, hub start-up
+        await settle()
+        base_rss, base_fds = rss_bytes(pid), fd_count(pid)
+        base_clients = await redis_clients(redis.url)
+        seconds = await churn.wave(500, 5000)
+        await settle()
+        rss, fds, clients = rss_bytes(pid), fd_count(pid), await redis_clients(redis.url)
+        await churn.wave(5500, 2000)
+        await settle()
+        rss_again, fds_again = rss_bytes(pid), fd_count(pid)
+    finally:
+        await churn.close()
+    record(
+        "follow_streams_dropped",
+        streams=5000,
+        then=2000,
+        caught_up=churn.caught_up,
+        seconds=round(seconds, 1),
+        server_rss_mb_before=round(base_rss / 2**20, 1),
+        server_rss_mb_after=round(rss / 2**20, 1),
+        server_rss_mb_after_2000_more=round(rss_again / 2**20, 1),
+        server_fds=[base_fds, fds, fds_again],
+        redis_clients_before=base_clients,
+        redis_clients_after=clients,
+    )
+    assert churn.caught_up == 7500
+    assert clients <= base_clients + 1, (base_clients, clients)
+    assert fds <= base_fds + 2 and fds_again <= base_fds + 2, (base_fds, fds, fds_again)
+    assert rss - base_rss < 40 * 2**20, (base_rss, rss)
+    assert rss_again - rss < 10 * 2**20, (rss, rss_again)
+
+
+async def test_dropped_follow_streams_leave_no_tasks_behind(
+    redis_factory: Callable[..., RedisProcess], app_factory: Any
+) -> None:
+    """In-process, so the server's asyncio tasks can be counted: back to the baseline."""
+    redis = redis_factory()
+    app = await app_factory(redis_url=redis.url)
+    churn = FollowChurn(app.port)
 
     async def settled() -> None:
         for _ in range(200):
             if app.hub.follower_count == 0 and app.servicer.follower_limit.active == 0:
                 break
             await asyncio.sleep(0.05)
-        await asyncio.sleep(0.5)
-        gc.collect()
+        await asyncio.sleep(0.3)
 
     try:
-        await wave(0, 500)  # warm-up: allocator pools, channel state, hub start-up
+        await churn.seed()
+        await churn.wave(0, 200)
         await settled()
         base_tasks = len(asyncio.all_tasks())
-        base_rss = rss_bytes(os.getpid())
-        base_clients = await redis_clients(redis.url)
-        started = time.monotonic()
-        await wave(500, 5000)
-        opened_seconds = time.monotonic() - started
-        peak_rss = rss_bytes(os.getpid())
+        await churn.wave(200, 2000)
         await settled()
         tasks = len(asyncio.all_tasks())
-        rss = rss_bytes(os.getpid())
-        clients = await redis_clients(redis.url)
     finally:
-        for channel in channels:
-            await channel.close(None)
+        await churn.close()
     record(
-        "follow_streams_dropped",
-        streams=5000,
-        caught_up=caught_up,
-        seconds=round(opened_seconds, 1),
+        "follow_streams_tasks",
+        streams=2000,
         tasks_before=base_tasks,
         tasks_after=tasks,
-        rss_mb_before=round(base_rss / 2**20, 1),
-        rss_mb_peak=round(peak_rss / 2**20, 1),
-        rss_mb_after=round(rss / 2**20, 1),
-        redis_clients_before=base_clients,
-        redis_clients_after=clients,
         followers_after=app.hub.follower_count,
     )
-    assert caught_up == 5500
-    assert app.hub.follower_count == 0
-    assert tasks <= base_tasks + 5, (base_tasks, tasks)
-    assert clients <= base_clients + 1, (base_clients, clients)
-    assert rss - base_rss < 40 * 2**20, (base_rss, rss)
+    assert churn.caught_up == 2200
+    assert app.hub.follower_count == 0 and app.servicer.follower_limit.active == 0
+    assert tasks <= base_tasks + 2, (base_tasks, tasks)
 
 
 async def test_overload_is_refused_quickly_and_the_server_stays_serving(
