@@ -59,14 +59,6 @@ def test_watch_responses_split_by_size_and_keep_order() -> None:
     assert list(wire.watch_responses([], 2000)) == []
 
 
-def test_raw_rows_encode_exactly_like_stored_events() -> None:
-    events = [stored(7, 1_700_000_000_000 + i, i, i + 1, "m" * (i * 40)) for i in range(60)]
-    rows = [(e.cursor.entry_id.encode(), {b"e": e.payload}) for e in events]
-    raw = list(wire.watch_responses_raw(b"7:", rows, max_bytes=3000))
-    assert raw == list(wire.watch_responses(events, max_bytes=3000))
-    assert len(raw) > 1
-
-
 @pytest.mark.parametrize("n", [0, 1, 127, 128, 16383, 16384, 2**21 + 5])
 def test_varint_table_and_fallback_agree(n: int) -> None:
     assert wire.varint(n) == wire._varint(n)

@@ -36,7 +36,6 @@ from .errors import (
 )
 from .events import Cursor, StoredEvent, validate_deployment_id, validate_new
 from .hub import ALL, Hub, Subscription, last_cursor
-from .keys import EVENT_FIELD
 from .metrics import ServiceMetrics
 from .pb import activityevents_pb2 as pb
 from .settings import Settings
@@ -221,9 +220,9 @@ class ActivityEventsServicer:
                     for event in page:
                         yield event.payload
             else:
-                async for rows in self._store.history_rows(deployment, None):
-                    for _, fields in rows:
-                        yield fields[EVENT_FIELD]
+                async for payloads in self._store.history_payloads(deployment):
+                    for payload in payloads:
+                        yield payload
 
     # -- new RPCs ------------------------------------------------------------------
 
@@ -330,7 +329,6 @@ class ActivityEventsServicer:
             return out
 
         position = after
-        prefix = f"{deployment}:".encode()
         for _ in range(MAX_CATCHUPS):
             if deployment == ALL:
                 async for merged in self._store.history_all(position):
@@ -339,15 +337,15 @@ class ActivityEventsServicer:
                     if remaining == 0:
                         return
             else:
-                # One deployment: pages are strictly after `position` and in
-                # order, so they go out as raw bytes with no per-event filtering.
-                async for page in self._store.history_rows(deployment, position):
-                    rows = page if remaining is None else page[:remaining]
+                # One deployment: pages are strictly after `position`, in order,
+                # and come from Redis already shaped as response messages.
+                async for count, last, body in self._store.history_wire(
+                    deployment, position, remaining, MAX_RESPONSE_BYTES
+                ):
+                    seen[deployment] = last
                     if remaining is not None:
-                        remaining -= len(rows)
-                    seen[deployment] = Cursor.from_entry(deployment, rows[-1][0])
-                    for message in wire.watch_responses_raw(prefix, rows, MAX_RESPONSE_BYTES):
-                        yield message
+                        remaining -= count
+                    yield body
                     if remaining == 0:
                         return
             if sub is None:

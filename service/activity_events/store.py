@@ -9,6 +9,7 @@ reported as :class:`StoreUnavailable`, never as a hang.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hashlib
 import heapq
@@ -23,7 +24,14 @@ import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
 from . import keys
-from .errors import InvalidArgument, NotFound, NotReplicated, OutOfRange, StoreUnavailable
+from .errors import (
+    ActivityError,
+    InvalidArgument,
+    NotFound,
+    NotReplicated,
+    OutOfRange,
+    StoreUnavailable,
+)
 from .events import Cursor, NewEvent, StoredEvent
 from .settings import Settings
 
@@ -128,6 +136,7 @@ class EventStore:
         self._timeout = settings.redis_timeout_seconds
         self._append = LuaScript("append.lua")
         self._delete = LuaScript("delete.lua")
+        self._read = LuaScript("read.lua")
         self._pending: list[tuple[NewEvent, int, asyncio.Future[AppendResult]]] = []
         self._flush_scheduled = False
         self._flushes: set[asyncio.Task[None]] = set()
@@ -384,18 +393,71 @@ class EventStore:
         rows = await self.read_rows(deployment_id, after, count, inclusive=inclusive)
         return [_stored(deployment_id, entry, fields) for entry, fields in rows]
 
-    async def history_rows(
-        self, deployment_id: int, after: Cursor | None
-    ) -> AsyncIterator[list[Row]]:
-        """Pages of one deployment's raw entries, oldest first, to the end of the stream."""
+    async def read_wire(
+        self, deployment_id: int, after: Cursor | None, count: int, max_bytes: int
+    ) -> tuple[int, Cursor | None, bool, bytes]:
+        """Up to ``count`` events after ``after`` as one WatchEventsResponse body of
+        at most about ``max_bytes``, assembled inside Redis (scripts/read.lua).
+        Returns (events, cursor of the last one, whether more may follow, body)."""
+        start = "-" if after is None else "(" + after.entry_id
+        prefix = f"{deployment_id}:"
+        reply = await self._bounded(
+            self._read(
+                self._redis,
+                [keys.events(deployment_id)],
+                [start, count, "watch", prefix, max_bytes],
+            )
+        )
+        n, last, more, body = reply
+        cursor = Cursor.from_entry(deployment_id, last) if n else None
+        return int(n), cursor, bool(more), bytes(body)
+
+    async def history_wire(
+        self, deployment_id: int, after: Cursor | None, limit: int | None, max_bytes: int
+    ) -> AsyncIterator[tuple[int, Cursor, bytes]]:
+        """One deployment's history after ``after`` (at most ``limit`` events) as
+        ready WatchEventsResponse bodies: (events, last cursor, body). The next
+        page is read while the caller sends this one."""
         page = self._settings.page_size
+
+        def read(position: Cursor | None, remaining: int | None) -> asyncio.Future[Any]:
+            count = page if remaining is None else min(page, remaining)
+            return asyncio.ensure_future(self.read_wire(deployment_id, position, count, max_bytes))
+
+        pending = read(after, limit)
+        try:
+            while True:
+                n, last, more, body = await pending
+                if n == 0 or last is None:
+                    return
+                if limit is not None:
+                    limit -= n
+                more = more and (limit is None or limit > 0)
+                if more:
+                    pending = read(last, limit)
+                yield n, last, body
+                if not more:
+                    return
+        finally:
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ActivityError):
+                    await pending
+
+    async def history_payloads(self, deployment_id: int) -> AsyncIterator[list[bytes]]:
+        """Pages of one deployment's EventRequest bytes, oldest first (ListEvents)."""
+        page = self._settings.page_size
+        start = "-"
         while True:
-            rows = await self.read_rows(deployment_id, after, page)
-            if rows:
-                yield rows
-                after = Cursor.from_entry(deployment_id, rows[-1][0])
-            if len(rows) < page:
+            reply = await self._bounded(
+                self._read(self._redis, [keys.events(deployment_id)], [start, page, "list"])
+            )
+            n, last, more, *payloads = reply
+            if n:
+                yield payloads
+            if not more or not n:
                 return
+            start = "(" + last.decode()
 
     async def check_cursor(self, cursor: Cursor) -> None:
         """OutOfRange when events after ``cursor`` were removed by retention."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 
 from .events import StoredEvent
-from .keys import EVENT_FIELD
 
 _TAG_1_LEN = b"\x0a"  # field 1, wire type 2 (length-delimited)
 _TAG_2_LEN = b"\x12"  # field 2, wire type 2
@@ -69,30 +68,6 @@ def watch_responses(events: Sequence[StoredEvent], max_bytes: int) -> Iterator[b
     size = 0
     for event in events:
         body = stored_event(event)
-        piece = _TAG_1_LEN + varint(len(body)) + body
-        if parts and size + len(piece) > max_bytes:
-            yield b"".join(parts)
-            parts, size = [], 0
-        parts.append(piece)
-        size += len(piece)
-    if parts:
-        yield b"".join(parts)
-
-
-def watch_responses_raw(
-    prefix: bytes, rows: Sequence[tuple[bytes, dict[bytes, bytes]]], max_bytes: int
-) -> Iterator[bytes]:
-    """:func:`watch_responses` straight from stream entries of one deployment:
-    ``prefix`` is ``b"<deployment>:"`` and each entry's id completes its cursor.
-    The replay hot path: a few byte joins per event, no objects."""
-    parts: list[bytes] = []
-    size = 0
-    for entry, fields in rows:
-        payload = fields[EVENT_FIELD]
-        cursor = prefix + entry
-        body = b"".join(
-            (_TAG_1_LEN, varint(len(payload)), payload, _TAG_2_LEN, varint(len(cursor)), cursor)
-        )
         piece = _TAG_1_LEN + varint(len(body)) + body
         if parts and size + len(piece) > max_bytes:
             yield b"".join(parts)
