@@ -62,6 +62,7 @@ SET_COMBINATIONS = {
         "redis.tlsClientAuth=true"
     ),
     "password": "redis.url=rediss://redis.example:6380/0,redis.password=s3cret",
+    "http-probes": "probes.type=http",
     "everything": (
         "autoscaling.enabled=true,metrics.serviceMonitor.enabled=true,headless.enabled=true,"
         "networkPolicy.enabled=true,tls.enabled=true,tls.existingSecret=t,tls.clientAuth=true,"
@@ -364,6 +365,15 @@ def test_probes_are_native_grpc_with_the_right_services() -> None:
     from activity_events.pb import activityevents_pb2 as pb  # noqa: PLC0415
 
     assert pb.DESCRIPTOR.services_by_name["ActivityEvents"].full_name == readiness["service"]
+
+
+def test_http_probes_use_the_side_port() -> None:
+    container = server_container(render(VALUE_SETS["http-probes"]))
+    assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmError, match="probes"):
+        chart.render({"probes": {"type": "exec"}}, name=RELEASE)
 
 
 def test_security_context_is_locked_down() -> None:
