@@ -76,8 +76,11 @@
       page.events.forEach((event) => insert(event, false));
       older = page.older;
       showCounts();
-      const first = page.events.length ? shown.get(page.events[0].cursor) : null;
-      if (first) first.querySelector("td").setAttribute("tabindex", "-1");
+      if (older === null && document.activeElement === olderButton) {
+        // The button hides once the oldest event is shown; keep keyboard focus on the page.
+        summary.tabIndex = -1;
+        summary.focus();
+      }
     } catch (error) {
       Activity.setStatus("Could not load older events: " + error.message, "error");
     } finally {
