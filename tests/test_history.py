@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc
 import pytest
+import redis.asyncio as redis_asyncio
 
 from activity_events.pb import activityevents_pb2 as pb
 from activity_events.pb import activityevents_pb2_grpc as pb_grpc
@@ -98,12 +99,22 @@ async def test_negative_ids_and_limits_are_invalid(stub: pb_grpc.ActivityEventsS
     assert "limit" in (error.details() or "")
 
 
-async def test_paging_reads_everything_in_order(app_factory: Any, stub_for: Any) -> None:
+async def xrange_calls(redis_client: redis_asyncio.Redis) -> int:
+    stats = await redis_client.info("commandstats")
+    return int(stats.get("cmdstat_xrange", {}).get("calls", 0))
+
+
+async def test_paging_reads_everything_in_order(
+    app_factory: Any, stub_for: Any, redis_client: redis_asyncio.Redis
+) -> None:
     stub = stub_for(await app_factory(page_size=7))
     for deployment_id in (1, 2):
         await create_many(stub, deployment_id, 50)
+    before = await xrange_calls(redis_client)
     listed = await list_events(stub, 1)
     assert [e.id for e in listed] == list(range(1, 51))
+    # Read page by page from Redis (50 events in pages of 7), never all at once.
+    assert await xrange_calls(redis_client) - before >= 8
     watched = await watch(stub, 1)
     assert [s.event.id for s in watched] == list(range(1, 51))
     merged = await list_events(stub, 0)
