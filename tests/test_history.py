@@ -182,6 +182,10 @@ async def test_after_cursor_full_and_bare(stub: pb_grpc.ActivityEventsStub) -> N
     bare = tenth.split(":", 1)[1]
     assert [s.event.id for s in await watch(stub, 4, after=bare)] == list(range(11, 21))
     assert await watch(stub, 4, after=responses[-1].cursor) == []
+    # The smallest cursor means "from the start"; one from the future yields nothing yet.
+    assert len(await watch(stub, 4, after="4:0-0")) == 20
+    assert len(await watch(stub, 4, after="0-1")) == 20
+    assert await watch(stub, 4, after="4:99999999999999-0") == []
 
 
 async def test_resume_has_no_gap_and_no_repeat_while_writing(
