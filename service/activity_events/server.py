@@ -29,6 +29,7 @@ from .httpserver import MetricsServer
 from .hub import BlockingReader, Hub, NotifiedReader, Reader
 from .interceptors import AccessLogInterceptor, GrpcMetricsInterceptor
 from .metrics import ServiceMetrics
+from .page import ActivityPage, start_page
 from .pb import activityevents_pb2 as pb
 from .servicer import ActivityEventsServicer, generic_handler
 from .settings import Settings, redact_url
@@ -90,6 +91,7 @@ class Application:
         # Observability: service metrics and the HTTP side port (/metrics, /healthz, /readyz).
         self.metrics = ServiceMetrics(self.registry)
         self.http: MetricsServer | None = None
+        self.page: ActivityPage | None = None
         self.metrics_port = 0
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
@@ -187,6 +189,7 @@ class Application:
         )
         await self.http.start()
         self.metrics_port = self.http.port
+        self.page = await start_page(settings, self.store, self.hub, self.http)
         self.hub.start()
         await server.start()
         logger.info("Server has been started on %d", self.port)
@@ -205,6 +208,9 @@ class Application:
             # New calls are refused with UNAVAILABLE (retry elsewhere) rather
             # than cut off with CANCELLED once the gRPC server stops accepting.
             self.servicer.draining = True
+        if self.page is not None:
+            await self.page.stop()
+            self.page = None
         if self.hub is not None:
             await self.hub.stop()
         if self.servicer is not None:
