@@ -162,6 +162,7 @@ async def test_spawn_runs_repeats_reports_medians_and_stops_its_processes() -> N
     assert median["p99_ms"] <= max(first["p99_ms"], second["p99_ms"])
     assert first["server_startup_s"] > 0
     assert first["server_cpu_pct"] is not None and first["redis_cpu_pct"] is not None
+    assert first["server_cpu_us_per_event"] > 0 and first["client_cpu_us_per_event"] > 0
     match = re.search(r"spawned redis pid (\d+), server pid (\d+)", stderr)
     assert match, stderr
     for pid in map(int, match.groups()):

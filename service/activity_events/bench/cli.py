@@ -177,6 +177,23 @@ async def _run_once(
     return result
 
 
+def cpu_per_event(result: report.Result) -> dict[str, float]:
+    """CPU µs per event of each process measured: ``<role>_cpu_us_per_event``.
+
+    Throughput on a shared machine depends on what else runs; CPU spent per
+    event hardly does, and 1e6 / µs is the events/s one core could carry.
+    """
+    events, seconds = result.get("events"), result.get("seconds")
+    if not isinstance(events, int) or events <= 0 or not isinstance(seconds, int | float):
+        return {}
+    fields = {}
+    for role in ("client", "server", "redis"):
+        pct = result.get(f"{role}_cpu_pct")
+        if isinstance(pct, int | float):
+            fields[f"{role}_cpu_us_per_event"] = round(pct / 100.0 * seconds / events * 1e6, 2)
+    return fields
+
+
 def _describe(options: Options, run: int, server: str) -> report.Result:
     """The knobs that produced a result, in front of its figures."""
     fields: report.Result = {
@@ -243,6 +260,7 @@ async def _bench(args: argparse.Namespace, uvloop_on: bool) -> int:
                         recorder.stop()
                         print(profiler.summary(recorder.output), file=sys.stderr)
                 result = {**_describe(options, run + 1, server), **figures}
+                result.update(cpu_per_event(result))
                 result["uvloop"] = uvloop_on
                 if spawned is not None:
                     result["server_startup_s"] = spawned.startup_s
