@@ -370,6 +370,7 @@ async def test_dead_letters_page_and_replay_all(
     consumer = consumers(channel, subscription="dlq-pages", deployment_id=10,
                          visibility_timeout_ms=100, max_deliveries=1, auto_ack=True,
                          never_ack=frozenset(range(1, 6)))  # fmt: skip
+    await consumer.until_open()
     subs = subs_stub(channel)
 
     async def dead() -> int:
@@ -717,6 +718,7 @@ async def test_all_deployments_dead_letters_filter_and_replay_by_deployment(
     consumer = consumers(channel, subscription="wide", deployment_id=0,
                          visibility_timeout_ms=100, max_deliveries=1, auto_ack=True,
                          never_ack=frozenset({2}))  # fmt: skip
+    await consumer.until_open()
     subs = subs_stub(channel)
 
     async def dead(deployment: int = 0) -> list[pb.DeadLetter]:

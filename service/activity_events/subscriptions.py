@@ -531,7 +531,8 @@ class SubscriptionStore:
     # -- management --------------------------------------------------------------
 
     async def stats(self, config: SubscriptionConfig) -> SubscriptionStats:
-        """Lag, pending, dead letters and consumers summed over the subscription's streams."""
+        """Lag, pending, dead letters and consumers summed over the subscription's
+        streams: two pipelined round trips per CHUNK deployments."""
         deployments = await self.deployments(config)
         replaying = set(await self.replaying(config))
         lag = pending = dead = 0
@@ -546,18 +547,30 @@ class SubscriptionStore:
                     pipe.xinfo_groups(keys.replays(d, config.name))
                     pipe.xlen(keys.replays(d, config.name))
             replies = iter(await self._bounded(pipe.execute(raise_on_error=False)))
+            # Follow-ups, in a second round trip: "lag" (counted or a whole
+            # untouched stream) and consumer names.
+            follow = self._redis.pipeline(transaction=False)
+            kinds: list[str] = []
             for d in chunk:
-                groups = next(replies)
+                key = keys.events(d)
+                group = _group(next(replies), config.name)
                 dead += _int(next(replies))
-                group = _group(groups, config.name)
                 if group is not None:
                     pending += int(group["pending"])
-                    lag += await self._lag(keys.events(d), group)
+                    if group.get("lag") is not None:
+                        lag += int(group["lag"])
+                    else:  # Redis cannot tell: count what follows the group's position
+                        last = group["last-delivered-id"]
+                        last = last.decode() if isinstance(last, bytes) else str(last)
+                        follow.xrange(key, "(" + last, "+", count=LAG_SCAN)
+                        kinds.append("count")
                     if int(group["consumers"]):
-                        consumers |= await self._consumer_names(keys.events(d), config.name)
-                elif d != config.deployment_id and config.deployment_id == ALL:
-                    # A deployment the subscription has not touched yet.
-                    lag += _int(await self._bounded(self._redis.xlen(keys.events(d))))
+                        follow.xinfo_consumers(key, config.name)
+                        kinds.append("names")
+                elif config.deployment_id == ALL:
+                    # A deployment the subscription has not touched yet: all of it.
+                    follow.xlen(key)
+                    kinds.append("length")
                 if d in replaying:
                     replay_group = _group(next(replies), config.name)
                     length = _int(next(replies))
@@ -565,21 +578,19 @@ class SubscriptionStore:
                         replay_pending = int(replay_group["pending"])
                         pending += replay_pending
                         lag += max(0, length - replay_pending)
+            if not kinds:
+                continue
+            answers = await self._bounded(follow.execute(raise_on_error=False))
+            for kind, answer in zip(kinds, answers, strict=True):
+                if isinstance(answer, Exception):
+                    continue
+                if kind == "count":
+                    lag += len(answer)
+                elif kind == "length":
+                    lag += _int(answer)
+                else:
+                    consumers |= {_name(row["name"]) for row in answer}
         return SubscriptionStats(lag, pending, dead, len(consumers))
-
-    async def _lag(self, key: str, group: dict[str, Any]) -> int:
-        if group.get("lag") is not None:
-            return int(group["lag"])
-        last = group["last-delivered-id"]
-        last = last.decode() if isinstance(last, bytes) else str(last)
-        rows: Any = await self._bounded(self._redis.xrange(key, "(" + last, "+", count=LAG_SCAN))
-        return len(rows)
-
-    async def _consumer_names(self, key: str, group: str) -> set[bytes]:
-        rows: Any = await self._bounded(self._redis.xinfo_consumers(key, group))
-        return {
-            r["name"] if isinstance(r["name"], bytes) else str(r["name"]).encode() for r in rows
-        }
 
     async def delete(self, name: str) -> int:
         """Remove a subscription, its groups, replay streams and dead letters.
@@ -692,6 +703,10 @@ def _int(value: Any) -> int:
     if value is None or isinstance(value, Exception):
         return 0
     return int(value)
+
+
+def _name(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
 
 
 def _group(groups: Any, name: str) -> dict[str, Any] | None:
