@@ -389,7 +389,9 @@ def test_server_refuses_to_start_when_consul_is_down(tmp_path: Path) -> None:
         code = server.wait(timeout=20)
     finally:
         server.stop()
-    assert code != 0
+    assert code == 2
     assert f"127.0.0.1:{port}" in server.output
     assert "unreachable" in server.output
     assert TOKEN not in server.output
+    assert "Traceback" not in server.output
+    assert len(server.output.strip().splitlines()) == 1, server.output

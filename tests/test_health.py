@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from activity_events import SERVICE_NAME
+from activity_events.health import LIVENESS
 from activity_events.pb import activityevents_pb2 as pb
 from activity_events.pb import activityevents_pb2_grpc as pb_grpc
 
@@ -104,3 +105,26 @@ async def test_calls_arriving_while_draining_get_unavailable(
     reply = await in_flight
     assert reply.success and reply.id == 2
     await asyncio.wait_for(stopping, 10)
+
+
+async def test_liveness_name_ignores_redis_outages(
+    app_factory: Any, redis_server: Any, channel_factory: Any
+) -> None:
+    """The overall "" and the service name follow Redis; "liveness" (probed by
+    the chart's liveness probe) stays SERVING, so an outage never restarts pods."""
+    app = await app_factory()
+    health = health_pb2_grpc.HealthStub(channel_factory(app.port))
+
+    async def status(name: str) -> int:
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+        return int(reply.status)
+
+    assert await status(LIVENESS) == SERVING
+    redis_server.kill()
+    for _ in range(100):
+        if await status("") == NOT_SERVING:
+            break
+        await asyncio.sleep(0.05)
+    assert await status("") == NOT_SERVING
+    assert await status(SERVICE_NAME) == NOT_SERVING
+    assert await status(LIVENESS) == SERVING

@@ -24,6 +24,7 @@ import pytest
 import yaml
 from kubernetes_validate import utils as kube_validate
 
+from activity_events.health import LIVENESS
 from activity_events.settings import Settings
 
 pytestmark = pytest.mark.tools
@@ -358,8 +359,8 @@ def test_probes_are_native_grpc_with_the_right_services() -> None:
     liveness = container["livenessProbe"]["grpc"]
     readiness = container["readinessProbe"]["grpc"]
     startup = container["startupProbe"]["grpc"]
-    assert liveness == {"port": grpc_port, "service": ""}
-    assert startup == {"port": grpc_port, "service": ""}
+    assert liveness == {"port": grpc_port, "service": LIVENESS}
+    assert startup == {"port": grpc_port, "service": LIVENESS}
     assert readiness == {"port": grpc_port, "service": "activityevents.ActivityEvents"}
     assert rendered_env(objects)["PORT"] == str(grpc_port)
     from activity_events.pb import activityevents_pb2 as pb  # noqa: PLC0415

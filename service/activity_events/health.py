@@ -3,6 +3,8 @@
 The standard aio health servicer holds the status of the overall service
 ("") and of activityevents.ActivityEvents; a monitor task pings Redis and
 flips both, so ``Check`` and ``Watch`` (and the HTTP /readyz) tell the truth.
+A third name, ``liveness``, says only that the process runs and is not
+shutting down, for liveness probes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ from .store import EventStore
 logger = logging.getLogger(__name__)
 
 SERVICES = ("", SERVICE_NAME)
+"""Health names that follow Redis: SERVING only while Redis answers."""
+
+LIVENESS = "liveness"
+"""Health name for liveness probes: SERVING from start-up until shutdown,
+whatever Redis does. Restarting pods cannot fix a Redis outage, so a
+liveness probe must not fail because of one (the chart probes this name)."""
 PROBE_INTERVAL = 0.5
 """Seconds between Redis pings while healthy."""
 BACKOFF_MAX = 5.0
@@ -109,6 +117,7 @@ class HealthMonitor:
         """Publish NOT_SERVING for both names, then the first probe's verdict."""
         for name in SERVICES:
             await self.servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self._set(await self.probe())
         self._task = asyncio.create_task(self._run(), name="health-monitor")
 

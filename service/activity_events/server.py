@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from . import SERVICE_NAME, __version__, auth, connection, logs, tls
 from .embedded import EmbeddedRedis
@@ -273,8 +274,13 @@ def main(argv: list[str] | None = None) -> int:
             where = ".".join(str(p) for p in error["loc"]) or "settings"
             print(f"activity-server: invalid setting {where}: {error['msg']}", file=sys.stderr)
         return 2
+    except SettingsError as exc:  # e.g. Consul unreachable without ACTIVITY_CONSUL_FALLBACK
+        print(f"activity-server: {logs.redact(str(exc))}", file=sys.stderr)
+        return 2
     secrets = [
-        s.get_secret_value() for s in (settings.redis_url, settings.redis_password) if s is not None
+        s.get_secret_value()
+        for s in (settings.redis_url, settings.redis_password, settings.consul_http_token)
+        if s is not None
     ]
     logs.configure(settings.log_level, secrets=secrets)
     with contextlib.suppress(ImportError):
