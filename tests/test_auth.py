@@ -329,3 +329,29 @@ def test_token_table_compares_against_every_entry(tmp_path: Path) -> None:
 )
 def test_bearer_token_parsing(metadata: Any, token: str | None) -> None:
     assert auth.bearer_token(metadata) == token
+
+
+async def test_subscriptions_service_roles(
+    secured: Any, channel_factory: Callable[..., grpc.aio.Channel]
+) -> None:
+    """Listing subscriptions is reading; deleting one is for admins."""
+    subs = pb_grpc.SubscriptionsStub(channel_factory(secured.port))
+
+    def listing(md: Any) -> Any:
+        return subs.ListSubscriptions(pb.ListSubscriptionsRequest(), metadata=md, timeout=TIMEOUT)
+
+    def deleting(md: Any) -> Any:
+        request = pb.DeleteSubscriptionRequest(subscription="nobody-subscribed")
+        return subs.DeleteSubscription(request, metadata=md, timeout=TIMEOUT)
+
+    assert await code_of(listing(())) == grpc.StatusCode.UNAUTHENTICATED
+    assert await code_of(listing(bearer(WRITER))) == grpc.StatusCode.PERMISSION_DENIED
+    assert await code_of(listing(bearer(READER))) == grpc.StatusCode.OK
+    assert await code_of(deleting(bearer(READER))) == grpc.StatusCode.PERMISSION_DENIED
+    # Past auth the servicer answers (the subscription does not exist).
+    assert await code_of(deleting(bearer(ADMIN))) not in {
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+    }
