@@ -135,3 +135,23 @@ async def test_start_fails_rather_than_serving_plaintext(
 ) -> None:
     with pytest.raises(tls.TlsConfigError):
         await app_factory(tls_cert_file=pki["server_cert"])
+
+
+async def test_garbage_on_the_tls_port_leaves_it_serving(
+    app_factory: Any, pki: dict[str, Path]
+) -> None:
+    """Plaintext HTTP/2, noise and a cut ClientHello on the TLS port: refused, port still works."""
+    from tests.test_garbage import GARBAGE, send_raw  # noqa: PLC0415
+
+    app = await app_factory(
+        tls_cert_file=pki["server_cert"],
+        tls_key_file=pki["server_key"],
+        tls_client_ca_file=pki["ca"],
+    )
+    for data in GARBAGE.values():
+        await send_raw(app.port, data, linger=0.05)
+    channel = secure_channel(app.port, pki["ca"], pki["client_cert"], pki["client_key"])
+    try:
+        await create_ok(channel)
+    finally:
+        await channel.close(None)
