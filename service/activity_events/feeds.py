@@ -31,11 +31,10 @@ import logging
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
-from . import keys
 from .errors import FollowerLagged, OutOfRange
 from .events import Cursor, StoredEvent
 from .hub import ALL, Hub
-from .store import EventStore, _stored
+from .store import EventStore
 from .web import SSE_KEEPALIVE, sse_frame, sse_retry
 
 logger = logging.getLogger(__name__)
@@ -70,21 +69,6 @@ def event_json(event: StoredEvent) -> dict[str, Any]:
         "send": str(request.timestamp.send),
         "receive": str(request.timestamp.receive),
     }
-
-
-async def events_before(
-    store: EventStore, deployment_id: int, before: Cursor | None, limit: int, wait: float
-) -> list[StoredEvent]:
-    """Up to ``limit`` events of one deployment, newest first, strictly before ``before``.
-
-    The store reads oldest first only; the newest-first page a person reads is
-    one XREVRANGE on the deployment's stream, given up after ``wait`` seconds.
-    """
-    newest = "+" if before is None else "(" + before.entry_id
-    rows: Any = await asyncio.wait_for(
-        store.redis.xrevrange(keys.events(deployment_id), newest, "-", count=limit), wait
-    )
-    return [_stored(deployment_id, entry, fields) for entry, fields in rows]
 
 
 def _row(summary: Any) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from typing import Any
 from . import auth
 from .errors import ActivityError, InvalidArgument, StoreUnavailable
 from .events import Cursor
-from .feeds import deployment_feed, deployment_rows, event_json, events_before, list_feed
+from .feeds import deployment_feed, deployment_rows, event_json, list_feed
 from .hub import Hub
 from .settings import Settings
 from .store import REDIS_DOWN, EventStore
@@ -291,9 +291,7 @@ class ActivityPage:
     ) -> None:
         before = _cursor(request.arg("before"), deployment, "before")
         limit = _limit(request, DEFAULT_PAGE)
-        events = await events_before(
-            self.store, deployment, before, limit, self.settings.redis_timeout_seconds
-        )
+        events = await self.store.read_before(deployment, before, limit)
         body = {
             "events": [event_json(e) for e in events],
             "older": str(events[-1].cursor) if len(events) == limit else None,

@@ -386,6 +386,17 @@ class EventStore:
         )
         return list(rows)
 
+    async def read_before(
+        self, deployment_id: int, before: Cursor | None, count: int
+    ) -> list[StoredEvent]:
+        """Up to ``count`` events of one deployment strictly before ``before``
+        (the newest if None), newest first: the page a person reads backwards."""
+        newest = "+" if before is None else "(" + before.entry_id
+        rows: Any = await self._bounded(
+            self._redis.xrevrange(keys.events(deployment_id), newest, "-", count=count)
+        )
+        return [_stored(deployment_id, entry, fields) for entry, fields in rows]
+
     async def read_page(
         self, deployment_id: int, after: Cursor | None, count: int, *, inclusive: bool = False
     ) -> list[StoredEvent]:
