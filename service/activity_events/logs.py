@@ -43,6 +43,11 @@ _KEY_VALUE = re.compile(
     r"[\"']?\s*[:=]\s*[\"']?)(?P<value>[^\s\"'&,;}]+)"
 )
 
+_MAYBE_SECRET = re.compile(
+    r"(?i)://|bearer|basic|passw|pwd|token|secret|api[_-]?key|authorization"
+)
+"""Every text the three patterns above could change matches this."""
+
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 _RECORD_FIELDS = frozenset(
     logging.LogRecord("", 0, "", 0, "", None, None).__dict__.keys()
@@ -76,6 +81,8 @@ class Redactor:
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, MASK)
+        if _MAYBE_SECRET.search(text) is None:
+            return text  # the common case (e.g. access-log fields): one scan, no substitutions
         text = _URL_PASSWORD.sub(lambda m: m.group("head") + MASK + "@", text)
         text = _BEARER.sub(lambda m: m.group("head") + MASK, text)
         return _KEY_VALUE.sub(
