@@ -141,7 +141,7 @@ class EventStore:
         self._flush_scheduled = False
         self._flushes: set[asyncio.Task[None]] = set()
         self._abandoned: set[asyncio.Future[Any]] = set()
-        """Redis work given up on at its timeout, still unwinding (see _bounded)."""
+        """Redis work given up on at its timeout, still unwinding (see bounded)."""
         self._indexed: set[int] = set()
         """Deployments this process has put into the index (saves a ZADD per create)."""
         self.on_failure: Callable[[], None] | None = None
@@ -151,7 +151,7 @@ class EventStore:
     def redis(self) -> aioredis.Redis:
         return self._redis
 
-    async def _bounded(self, work: Awaitable[T]) -> T:
+    async def bounded(self, work: Awaitable[T]) -> T:
         """Run Redis work within the command timeout, mapping failures to
         StoreUnavailable.
 
@@ -207,7 +207,7 @@ class EventStore:
             task.exception()  # retrieved, so asyncio does not report it as lost
 
     async def ping(self) -> None:
-        await self._bounded(self._redis.ping())
+        await self.bounded(self._redis.ping())
 
     # -- writes ----------------------------------------------------------------
 
@@ -217,7 +217,7 @@ class EventStore:
         Events of one deployment go through the append script together, in
         order; all deployments of the batch share one pipelined round trip.
         """
-        return await self._bounded(self._append_all([(e, receive_ns) for e in events]))
+        return await self.bounded(self._append_all([(e, receive_ns) for e in events]))
 
     async def append_one(self, event: NewEvent, receive_ns: int) -> AppendResult:
         """Store one event, coalesced with the other events appended during the
@@ -246,7 +246,7 @@ class EventStore:
         if not live:
             return
         try:
-            results = await self._bounded(self._append_all(live))
+            results = await self.bounded(self._append_all(live))
         except BaseException as error:  # handed to every waiting caller
             for future in futures:
                 if not future.done():
@@ -367,7 +367,7 @@ class EventStore:
             await self._redis.zrem(keys.DEPLOYMENTS, str(deployment_id))
             return int(await self._delete(self._redis, keys.deployment_keys(deployment_id), []))
 
-        removed = await self._bounded(work())
+        removed = await self.bounded(work())
         if removed < 0:
             raise NotFound(f"deployment {deployment_id} does not exist")
         return removed
@@ -381,7 +381,7 @@ class EventStore:
         (from the start if None): the replay path turns them into wire bytes
         without building an object per event."""
         start = "-" if after is None else after.entry_id if inclusive else "(" + after.entry_id
-        rows: Any = await self._bounded(
+        rows: Any = await self.bounded(
             self._redis.xrange(keys.events(deployment_id), start, "+", count=count)
         )
         return list(rows)
@@ -392,7 +392,7 @@ class EventStore:
         """Up to ``count`` events of one deployment strictly before ``before``
         (the newest if None), newest first: the page a person reads backwards."""
         newest = "+" if before is None else "(" + before.entry_id
-        rows: Any = await self._bounded(
+        rows: Any = await self.bounded(
             self._redis.xrevrange(keys.events(deployment_id), newest, "-", count=count)
         )
         return [_stored(deployment_id, entry, fields) for entry, fields in rows]
@@ -412,7 +412,7 @@ class EventStore:
         Returns (events, cursor of the last one, whether more may follow, body)."""
         start = "-" if after is None else "(" + after.entry_id
         prefix = f"{deployment_id}:"
-        reply = await self._bounded(
+        reply = await self.bounded(
             self._read(
                 self._redis,
                 [keys.events(deployment_id)],
@@ -460,7 +460,7 @@ class EventStore:
         page = self._settings.page_size
         start = "-"
         while True:
-            reply = await self._bounded(
+            reply = await self.bounded(
                 self._read(self._redis, [keys.events(deployment_id)], [start, page, "list"])
             )
             n, last, more, *payloads = reply
@@ -472,7 +472,7 @@ class EventStore:
 
     async def check_cursor(self, cursor: Cursor) -> None:
         """OutOfRange when events after ``cursor`` were removed by retention."""
-        trimmed = await self._bounded(self._redis.hget(keys.meta(cursor.deployment_id), "trimmed"))
+        trimmed = await self.bounded(self._redis.hget(keys.meta(cursor.deployment_id), "trimmed"))
         if trimmed is not None:
             last_gone = Cursor.from_entry(cursor.deployment_id, trimmed)
             if (cursor.ms, cursor.seq) < (last_gone.ms, last_gone.seq):
@@ -489,7 +489,7 @@ class EventStore:
             pipe = self._redis.pipeline(transaction=False)
             for d in chunk:
                 pipe.hget(keys.meta(d), "trimmed")
-            trimmed = await self._bounded(pipe.execute())
+            trimmed = await self.bounded(pipe.execute())
             for d, entry in zip(chunk, trimmed, strict=True):
                 if entry is None:
                     continue
@@ -558,7 +558,7 @@ class EventStore:
 
     async def last_entry(self, deployment_id: int) -> Cursor:
         """Cursor of the newest event of a deployment (entry 0-0 when it has none)."""
-        rows: Any = await self._bounded(
+        rows: Any = await self.bounded(
             self._redis.xrevrange(keys.events(deployment_id), "+", "-", count=1)
         )
         if not rows:
@@ -570,7 +570,7 @@ class EventStore:
         pipe = self._redis.pipeline(transaction=False)
         for d in deployment_ids:
             pipe.xrevrange(keys.events(d), "+", "-", count=1)
-        replies = await self._bounded(pipe.execute())
+        replies = await self.bounded(pipe.execute())
         return {
             d: Cursor.from_entry(d, rows[0][0]) if rows else Cursor(d, 0, 0)
             for d, rows in zip(deployment_ids, replies, strict=True)
@@ -578,7 +578,7 @@ class EventStore:
 
     async def deployment_ids(self, start_after: int = 0, count: int | None = None) -> list[int]:
         """Known deployment ids in ascending order, after ``start_after``."""
-        rows: Any = await self._bounded(
+        rows: Any = await self.bounded(
             self._redis.zrangebyscore(
                 keys.DEPLOYMENTS,
                 f"({start_after}",
@@ -596,7 +596,7 @@ class EventStore:
             pipe.xlen(key)
             pipe.xrange(key, "-", "+", count=1)
             pipe.xrevrange(key, "+", "-", count=1)
-        replies = await self._bounded(pipe.execute())
+        replies = await self.bounded(pipe.execute())
         out = []
         for n, d in enumerate(deployment_ids):
             count, first, last = replies[3 * n : 3 * n + 3]
@@ -612,7 +612,7 @@ class EventStore:
 
     async def new_deployments_tail(self) -> bytes:
         """Entry id of the newest "new deployment" announcement ("0-0" if none)."""
-        rows: Any = await self._bounded(
+        rows: Any = await self.bounded(
             self._redis.xrevrange(keys.NEW_DEPLOYMENTS, "+", "-", count=1)
         )
         return bytes(rows[0][0]) if rows else b"0-0"

@@ -26,7 +26,7 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
@@ -246,19 +246,14 @@ class SubscriptionStore:
         self._claim = LuaScript("subscription_claim.lua")
         self._replay = LuaScript("subscription_replay.lua")
 
-    async def _bounded(self, work: Awaitable[T]) -> T:
-        """The event store's bound: the command timeout, its share of the
-        connection pool, and failures reported as StoreUnavailable."""
-        return await self._store._bounded(work)
-
     # -- registry ----------------------------------------------------------------
 
     async def get(self, name: str) -> SubscriptionConfig | None:
-        raw = await self._bounded(self._redis.hget(keys.SUBSCRIPTIONS, name))
+        raw = await self._store.bounded(self._redis.hget(keys.SUBSCRIPTIONS, name))
         return None if raw is None else SubscriptionConfig.from_json(raw)
 
     async def all(self) -> list[SubscriptionConfig]:
-        rows: Any = await self._bounded(self._redis.hgetall(keys.SUBSCRIPTIONS))
+        rows: Any = await self._store.bounded(self._redis.hgetall(keys.SUBSCRIPTIONS))
         configs = [SubscriptionConfig.from_json(raw) for raw in rows.values()]
         return sorted(configs, key=lambda c: c.name)
 
@@ -304,7 +299,7 @@ class SubscriptionStore:
         if changes:
             values = asdict(config) | changes
             config = SubscriptionConfig(**values)
-            await self._bounded(self._redis.hset(keys.SUBSCRIPTIONS, name, config.to_json()))
+            await self._store.bounded(self._redis.hset(keys.SUBSCRIPTIONS, name, config.to_json()))
             logger.info("subscription %s updated: %s", name, changes)
         return config
 
@@ -318,7 +313,7 @@ class SubscriptionStore:
         visibility_ms: int,
         max_deliveries: int,
     ) -> SubscriptionConfig:
-        reply: Any = await self._bounded(self._redis.time())
+        reply: Any = await self._store.bounded(self._redis.time())
         if isinstance(reply, dict):  # Cluster: one answer per node asked
             reply = next(iter(reply.values()))
         seconds, micros = reply
@@ -338,7 +333,7 @@ class SubscriptionStore:
             floor_ms=floor[1],
             floor_seq=floor[2],
         )
-        created = await self._bounded(
+        created = await self._store.bounded(
             self._redis.hsetnx(keys.SUBSCRIPTIONS, name, config.to_json())
         )
         if not created:  # another consumer created it first: theirs wins
@@ -365,14 +360,14 @@ class SubscriptionStore:
                 pipe.xgroup_create(
                     keys.events(d), config.name, config.group_start(d), mkstream=True
                 )
-            replies = await self._bounded(pipe.execute(raise_on_error=False))
+            replies = await self._store.bounded(pipe.execute(raise_on_error=False))
             for reply in replies:
                 if isinstance(reply, Exception) and not _is(reply, "BUSYGROUP"):
                     raise StoreUnavailable(f"cannot create consumer group: {reply}")
 
     async def replaying(self, config: SubscriptionConfig) -> list[int]:
         """Deployments whose replay stream the subscription's consumers read."""
-        rows: Any = await self._bounded(self._redis.smembers(keys.replaying(config.name)))
+        rows: Any = await self._store.bounded(self._redis.smembers(keys.replaying(config.name)))
         return sorted(int(r) for r in rows)
 
     # -- delivery ----------------------------------------------------------------
@@ -391,7 +386,7 @@ class SubscriptionStore:
         pipe = self._redis.pipeline(transaction=False)
         for key in sources:
             pipe.xreadgroup(config.name, consumer, {key: ">"}, count=each)
-        replies = await self._bounded(pipe.execute(raise_on_error=False))
+        replies = await self._store.bounded(pipe.execute(raise_on_error=False))
         out: list[Delivered] = []
         more: set[str] = later
         missing: list[int] = []
@@ -447,7 +442,7 @@ class SubscriptionStore:
                 break
             chunk = sources[start : start + CHUNK]
             want = count - len(out)
-            replies = await self._bounded(self._run_claims(config, consumer, chunk, want))
+            replies = await self._store.bounded(self._run_claims(config, consumer, chunk, want))
             dead = 0
             for key, reply in zip(chunk, replies, strict=True):
                 if isinstance(reply, Exception):
@@ -512,7 +507,7 @@ class SubscriptionStore:
             pipe.xack(source, config.name, *entries)
             if source != keys.events(keys.deployment_of(source)):
                 pipe.xdel(source, *entries)
-        replies = await self._bounded(pipe.execute(raise_on_error=False))
+        replies = await self._store.bounded(pipe.execute(raise_on_error=False))
         acked = 0
         reply_iter = iter(replies)
         for source in by_source:
@@ -546,7 +541,7 @@ class SubscriptionStore:
                 if d in replaying:
                     pipe.xinfo_groups(keys.replays(d, config.name))
                     pipe.xlen(keys.replays(d, config.name))
-            replies = iter(await self._bounded(pipe.execute(raise_on_error=False)))
+            replies = iter(await self._store.bounded(pipe.execute(raise_on_error=False)))
             # Follow-ups, in a second round trip: "lag" (counted or a whole
             # untouched stream) and consumer names.
             follow = self._redis.pipeline(transaction=False)
@@ -580,7 +575,7 @@ class SubscriptionStore:
                         lag += max(0, length - replay_pending)
             if not kinds:
                 continue
-            answers = await self._bounded(follow.execute(raise_on_error=False))
+            answers = await self._store.bounded(follow.execute(raise_on_error=False))
             for kind, answer in zip(kinds, answers, strict=True):
                 if isinstance(answer, Exception):
                     continue
@@ -598,7 +593,7 @@ class SubscriptionStore:
         config = await self.get(name)
         if config is None:
             raise NotFound(f"subscription {name!r} does not exist")
-        removed = await self._bounded(self._redis.hdel(keys.SUBSCRIPTIONS, name))
+        removed = await self._store.bounded(self._redis.hdel(keys.SUBSCRIPTIONS, name))
         if not removed:
             raise NotFound(f"subscription {name!r} does not exist")
         deployments = sorted(
@@ -612,9 +607,9 @@ class SubscriptionStore:
                 pipe.xlen(keys.dead_letters(d, name))
                 pipe.xgroup_destroy(keys.events(d), name)
                 pipe.delete(keys.dead_letters(d, name), keys.replays(d, name))
-            replies = await self._bounded(pipe.execute(raise_on_error=False))
+            replies = await self._store.bounded(pipe.execute(raise_on_error=False))
             dead += sum(_int(r) for r in replies[0::3])
-        await self._bounded(self._redis.delete(keys.replaying(name)))
+        await self._store.bounded(self._redis.delete(keys.replaying(name)))
         self.metrics.forget(name)
         logger.info("subscription %s deleted with %d dead letters", name, dead)
         return dead
@@ -637,7 +632,7 @@ class SubscriptionStore:
             start = "-"
             if after is not None and d == after.deployment_id:
                 start = "(" + after.entry_id
-            rows: Any = await self._bounded(
+            rows: Any = await self._store.bounded(
                 self._redis.xrange(
                     keys.dead_letters(d, config.name), start, "+", count=count - len(out) + 1
                 )
@@ -688,7 +683,7 @@ class SubscriptionStore:
                     if n < 500:
                         break
         if touched:
-            await self._bounded(
+            await self._store.bounded(
                 self._redis.sadd(keys.replaying(config.name), *[str(d) for d in touched])
             )
         logger.info("subscription %s: %d dead letters replayed", config.name, moved)
@@ -696,7 +691,9 @@ class SubscriptionStore:
 
     async def _replay_one(self, config: SubscriptionConfig, d: int, args: list[Any]) -> int:
         keys_ = [keys.dead_letters(d, config.name), keys.replays(d, config.name)]
-        return int(await self._bounded(self._replay(self._redis, keys_, [config.name, *args])))
+        return int(
+            await self._store.bounded(self._replay(self._redis, keys_, [config.name, *args]))
+        )
 
 
 def _int(value: Any) -> int:
