@@ -69,13 +69,6 @@ async def acl_redis(redis_server: RedisProcess) -> RedisProcess:
     return redis_server
 
 
-CREDENTIALS_NOT_LOGGED = pytest.mark.xfail(
-    strict=True,
-    reason="core: no log line names refused Redis credentials (only 'redis is not reachable "
-    "yet'); see /work/notes/core-failures.md",
-)
-
-
 async def health_of(app: Any, channel_factory: Callable[..., grpc.aio.Channel]) -> int:
     health = health_pb2_grpc.HealthStub(channel_factory(app.port))
     response = await health.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
@@ -142,7 +135,6 @@ async def test_acl_user_in_url(
     await works(app, channel_factory)
 
 
-@CREDENTIALS_NOT_LOGGED
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -182,7 +174,6 @@ async def test_wrong_acl_user_is_not_serving(
     await refused(app2, channel_factory, USER_PASSWORD)
 
 
-@CREDENTIALS_NOT_LOGGED
 async def test_wrong_credentials_in_the_real_process_log_no_traceback_storm(
     password_redis: RedisProcess, server_process_factory: Any
 ) -> None:

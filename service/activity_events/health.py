@@ -82,6 +82,8 @@ class HealthMonitor:
         self._poke = asyncio.Event()
         self.serving = False
         self.shutting_down = False
+        self.reason = ""
+        """Why the last probe failed (redacted, one line), for logs."""
         store.on_failure = self.poke
 
     def poke(self) -> None:
@@ -102,15 +104,17 @@ class HealthMonitor:
         if serving:
             logger.info("redis reachable; health SERVING")
         else:
-            logger.warning("redis unreachable; health NOT_SERVING")
+            logger.warning("%s; health NOT_SERVING", self.reason or "redis unreachable")
         if self._on_change is not None:
             self._on_change(serving)
 
     async def probe(self) -> bool:
         try:
             await self._store.ping()
-        except StoreUnavailable:
+        except StoreUnavailable as error:
+            self.reason = str(error)
             return False
+        self.reason = ""
         return True
 
     async def start(self) -> None:

@@ -195,7 +195,10 @@ class Application:
         await server.start()
         logger.info("Server has been started on %d", self.port)
         if not self.health.serving:
-            logger.warning("redis is not reachable yet; serving NOT_SERVING until it is")
+            logger.warning(
+                "redis is not reachable yet (%s); serving NOT_SERVING until it is",
+                self.health.reason or "no answer",
+            )
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful stop; safe to call more than once and after a failed start."""

@@ -178,18 +178,26 @@ class EventStore:
             raise StoreUnavailable(f"redis did not answer within {self._timeout:g}s")
         try:
             return task.result()
-        except REDIS_DOWN as exc:
+        except rexc.AuthenticationError:  # a ConnectionError: must come first
             if self.on_failure is not None:
                 self.on_failure()
-            raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}") from None
-        except rexc.AuthenticationError:
-            raise StoreUnavailable("redis rejected the credentials") from None
+            raise StoreUnavailable(
+                "redis rejected the credentials (check the password or ACL user)"
+            ) from None
         except rexc.ResponseError as exc:
+            if "NOPERM" in str(exc) or "NOAUTH" in str(exc):
+                if self.on_failure is not None:
+                    self.on_failure()
+                raise StoreUnavailable(f"redis refused the credentials: {str(exc)[:120]}") from None
             # OOM, MISCONF, READONLY and friends: the store cannot take the call now.
             text = str(exc).split("\n", 1)[0][:200]
             if self.on_failure is not None:
                 self.on_failure()
             raise StoreUnavailable(f"redis refused the command: {text}") from None
+        except REDIS_DOWN as exc:
+            if self.on_failure is not None:
+                self.on_failure()
+            raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}") from None
 
     async def _in_slot(self, work: Awaitable[T]) -> T:
         started = False
