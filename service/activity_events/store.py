@@ -65,7 +65,8 @@ REDIS_DOWN = (
 
 
 def _load(name: str) -> str:
-    return resources.files(__package__).joinpath("scripts", name).read_text()
+    scripts = resources.files(__package__).joinpath("scripts")
+    return scripts.joinpath("lib.lua").read_text() + "\n" + scripts.joinpath(name).read_text()
 
 
 Row = tuple[bytes, dict[bytes, bytes]]

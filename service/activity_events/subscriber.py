@@ -51,7 +51,7 @@ from .subscriptions import (
     SubscriptionStore,
     validate_name,
 )
-from .wire import identity, varint
+from .wire import chunked, field_1, identity, varint
 
 logger = logging.getLogger(__name__)
 
@@ -102,22 +102,12 @@ def delivery_bytes(item: Delivered) -> bytes:
             varint(item.count),
         )
     )
-    return b"\x0a" + varint(len(body)) + body
+    return field_1(body)
 
 
 def delivery_responses(items: Sequence[Delivered], max_bytes: int) -> Iterator[bytes]:
     """SubscribeResponse messages carrying ``items`` in order, each about ``max_bytes`` at most."""
-    parts: list[bytes] = []
-    size = 0
-    for item in items:
-        piece = delivery_bytes(item)
-        if parts and size + len(piece) > max_bytes:
-            yield b"".join(parts)
-            parts, size = [], 0
-        parts.append(piece)
-        size += len(piece)
-    if parts:
-        yield b"".join(parts)
+    return chunked((delivery_bytes(item) for item in items), max_bytes)
 
 
 @dataclass(frozen=True, slots=True)

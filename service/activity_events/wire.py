@@ -53,22 +53,21 @@ def stored_event(event: StoredEvent) -> bytes:
 
 
 def watch_response(events: Iterable[StoredEvent]) -> bytes:
-    parts: list[bytes] = []
-    for event in events:
-        body = stored_event(event)
-        parts += (_TAG_1_LEN, varint(len(body)), body)
-    return b"".join(parts)
+    return b"".join(field_1(stored_event(event)) for event in events)
 
 
-def watch_responses(events: Sequence[StoredEvent], max_bytes: int) -> Iterator[bytes]:
-    """WatchEventsResponse messages holding ``events`` in order, each at most about
-    ``max_bytes`` (a single larger event gets a message of its own), so that no
-    message exceeds a client's receive limit (4 MiB by default in gRPC)."""
+def field_1(body: bytes) -> bytes:
+    """``body`` as a length-delimited field 1 (an element of a repeated message field)."""
+    return _TAG_1_LEN + varint(len(body)) + body
+
+
+def chunked(pieces: Iterable[bytes], max_bytes: int) -> Iterator[bytes]:
+    """Concatenations of ``pieces`` (serialized repeated-field elements), in order,
+    each at most about ``max_bytes`` (a single larger piece goes out alone), so
+    that no message exceeds a client's receive limit (4 MiB by default in gRPC)."""
     parts: list[bytes] = []
     size = 0
-    for event in events:
-        body = stored_event(event)
-        piece = _TAG_1_LEN + varint(len(body)) + body
+    for piece in pieces:
         if parts and size + len(piece) > max_bytes:
             yield b"".join(parts)
             parts, size = [], 0
@@ -76,6 +75,11 @@ def watch_responses(events: Sequence[StoredEvent], max_bytes: int) -> Iterator[b
         size += len(piece)
     if parts:
         yield b"".join(parts)
+
+
+def watch_responses(events: Sequence[StoredEvent], max_bytes: int) -> Iterator[bytes]:
+    """WatchEventsResponse messages holding ``events`` in order (see :func:`chunked`)."""
+    return chunked((field_1(stored_event(event)) for event in events), max_bytes)
 
 
 def identity(message: bytes) -> bytes:

@@ -21,15 +21,7 @@
 
 local INT32_MAX = 2147483647
 
-local function varint(n)
-  local out = {}
-  while n >= 128 do
-    out[#out + 1] = string.char(n % 128 + 128)
-    n = math.floor(n / 128)
-  end
-  out[#out + 1] = string.char(n)
-  return table.concat(out)
-end
+-- varint() comes from lib.lua.
 
 local maxlen = tonumber(ARGV[1])
 local min_ms = tonumber(ARGV[2])

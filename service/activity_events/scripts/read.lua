@@ -19,15 +19,7 @@
 --   "list":  body is absent; elements 4.. are the n payloads
 -- more = 1 when the page was cut short (count or budget reached), so more may follow.
 
-local function varint(n)
-  local out = {}
-  while n >= 128 do
-    out[#out + 1] = string.char(n % 128 + 128)
-    n = math.floor(n / 128)
-  end
-  out[#out + 1] = string.char(n)
-  return table.concat(out)
-end
+-- varint() comes from lib.lua.
 
 local function payload_of(fields)
   for i = 1, #fields, 2 do
