@@ -43,9 +43,7 @@ _KEY_VALUE = re.compile(
     r"[\"']?\s*[:=]\s*[\"']?)(?P<value>[^\s\"'&,;}]+)"
 )
 
-_MAYBE_SECRET = re.compile(
-    r"(?i)://|bearer|basic|passw|pwd|token|secret|api[_-]?key|authorization"
-)
+_MAYBE_SECRET = re.compile(r"(?i)://|bearer|basic|passw|pwd|token|secret|api[_-]?key|authorization")
 """Every text the three patterns above could change matches this."""
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
