@@ -3,10 +3,12 @@
 - ``promtool test rules``: every alert fires and stays quiet in its unit tests.
 - ``tsc`` with ``@grafana/schema``: the dashboard JSON has the published shape.
 - A real Prometheus (Debian's binary, started here on a free loopback port)
-  scrapes a real running service after some traffic; every PromQL expression
-  of the dashboard and of the rules is evaluated through its HTTP API and
-  none may error; the core panels return data; every metric the dashboard
-  names is in the scrape; ``promtool check metrics`` finds nothing to say.
+  scrapes a real running service after some traffic (a follower, and a
+  subscription whose consumer acknowledges all but one event, which is
+  redelivered and dead-lettered); every PromQL expression of the dashboard
+  and of the rules is evaluated through its HTTP API and none may error; the
+  core and subscription panels return data; every metric the dashboard names
+  is in the scrape; ``promtool check metrics`` finds nothing to say.
 
 The tools come from .ci/run (``apt-get install prometheus``, ``npm ci`` in
 dashboards/). Outside CI a missing tool skips its test; in CI it fails.
@@ -15,6 +17,7 @@ dashboards/). Outside CI a missing tool skips its test; in CI it fails.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -25,7 +28,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ import pytest
 import yaml
 
 from activity_events.pb import activityevents_pb2 as pb
+from activity_events.pb import activityevents_pb2_grpc as pb_grpc
 from tests.support.ports import free_port
 
 DASHBOARDS = Path(__file__).resolve().parent.parent / "dashboards"
@@ -46,6 +50,8 @@ ALERTS = {
     "ActivityEventsRedisDown",
     "ActivityEventsTargetDown",
     "ActivityEventsFollowersLagging",
+    "ActivityEventsSubscriptionLagGrowing",
+    "ActivityEventsSubscriptionDeadLetters",
 }
 TEMPLATE_VALUES = {
     "$__rate_interval": "30s",
@@ -62,6 +68,15 @@ CORE_PANELS = (
     "Unary latency p50 / p95 / p99",
     "Events appended vs duplicates",
 )
+SUBSCRIPTION_PANELS = (
+    "Subscription lag and pending",
+    "Subscription deliveries",
+    "Subscription dead letters",
+    "Subscription consumers",
+)
+SUBSCRIPTION = "dashboard"
+POISON = 2
+"""Id of the deployment-1 event the test's subscriber never acknowledges."""
 
 
 def tool(name: str) -> str:
@@ -121,7 +136,8 @@ def test_dashboard_shape() -> None:
     assert variables["instance"]["includeAll"] and variables["instance"]["multi"]
     titles = {panel["title"] for panel in panels(board)}
     for title in (*CORE_PANELS, "Error ratio by method", "Active followers", "Hub lag p50 / p99",
-                  "Redis command latency p99", "Redis up", "Request rate per pod"):  # fmt: skip
+                  "Redis command latency p99", "Redis up", "Request rate per pod",
+                  *SUBSCRIPTION_PANELS):  # fmt: skip
         assert title in titles
     ids = [panel["id"] for panel in panels(board)]
     assert len(ids) == len(set(ids))
@@ -142,7 +158,7 @@ def test_alert_rules_pass_promtool_unit_tests() -> None:
         timeout=60,
     )
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 5 rules found" in check.stdout
+    assert f"SUCCESS: {len(ALERTS)} rules found" in check.stdout
     result = subprocess.run(
         [promtool, "test", "rules", str(RULE_TESTS)],
         check=False,
@@ -315,18 +331,79 @@ async def _traffic(stub: Any, rounds: int) -> None:
         await asyncio.sleep(1.1)  # spread over scrapes, so rate() sees increases
 
 
+class Subscriber:
+    """A Subscribe call on deployment 1 that acknowledges every event but ``POISON``.
+
+    With a short visibility timeout and two deliveries at most, the poison event
+    is redelivered once and then dead-lettered, so every subscription counter
+    and gauge has a sample.
+    """
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.outbox: asyncio.Queue[pb.SubscribeRequest] = asyncio.Queue()
+        opening = pb.SubscribeOpen(subscription=SUBSCRIPTION, deployment_id=1,
+                                   start=pb.START_POSITION_BEGINNING,
+                                   visibility_timeout_ms=200, max_deliveries=2)  # fmt: skip
+        self.outbox.put_nowait(pb.SubscribeRequest(open=opening))
+        self.call = pb_grpc.SubscriptionsStub(channel).Subscribe(self._requests(), timeout=120)
+        self.poison_deliveries: list[int] = []
+        self.acknowledged = 0
+        self.task = asyncio.create_task(self._read())
+
+    async def _requests(self) -> AsyncIterator[pb.SubscribeRequest]:
+        while True:
+            yield await self.outbox.get()
+
+    async def _read(self) -> None:
+        async for response in self.call:
+            assert not response.ack_errors, response.ack_errors
+            poison = [d.delivery_count for d in response.deliveries if d.event.id == POISON]
+            self.poison_deliveries += poison
+            cursors = [d.cursor for d in response.deliveries if d.event.id != POISON]
+            if cursors:
+                self.acknowledged += len(cursors)
+                self.outbox.put_nowait(pb.SubscribeRequest(ack=pb.SubscribeAck(cursors=cursors)))
+
+    async def wait_dead_lettered(self, channel: grpc.aio.Channel, timeout: float = 15.0) -> None:
+        """Until the poison event is in the dead letters (then refresh the gauges)."""
+        subscriptions = pb_grpc.SubscriptionsStub(channel)
+        deadline = time.monotonic() + timeout
+        while True:
+            assert not self.task.done(), self.task
+            letters = await subscriptions.ListDeadLetters(
+                pb.ListDeadLettersRequest(subscription=SUBSCRIPTION), timeout=5
+            )
+            if letters.dead_letters:
+                break
+            assert time.monotonic() < deadline, f"not dead-lettered: {self.poison_deliveries}"
+            await asyncio.sleep(0.2)
+        assert [letter.event.event.id for letter in letters.dead_letters] == [POISON]
+        assert self.poison_deliveries == [1, 2]
+        assert self.acknowledged > 0
+        listed = await subscriptions.ListSubscriptions(pb.ListSubscriptionsRequest(), timeout=5)
+        [info] = [s for s in listed.subscriptions if s.name == SUBSCRIPTION]
+        assert (info.dead_letters, info.consumers) == (1, 1)
+
+    async def close(self) -> None:
+        self.call.cancel()
+        with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+            await asyncio.wait_for(self.task, 5)
+
+
 @pytest.mark.slow
 @pytest.mark.tools
 async def test_real_prometheus_evaluates_every_dashboard_and_rule_query(
-    app_factory: Any, stub_for: Any, tmp_path: Path
+    app_factory: Any, channel_factory: Any, tmp_path: Path
 ) -> None:
     prometheus_binary = tool("prometheus")
     promtool = tool("promtool")
     app = await app_factory()
-    stub = stub_for(app)
+    channel = channel_factory(app.port)
+    stub = pb_grpc.ActivityEventsStub(channel)
     target = f"127.0.0.1:{app.metrics_port}"
     prometheus = Prometheus(prometheus_binary, tmp_path, target)
     follower = None
+    subscriber = None
     try:
         await asyncio.to_thread(prometheus.wait_ready)
         # A follower stays open through the scrapes: followers gauge and hub lag.
@@ -336,20 +413,25 @@ async def test_real_prometheus_evaluates_every_dashboard_and_rule_query(
         await _traffic(stub, rounds=2)
         live = await asyncio.wait_for(follower.read(), 5)
         assert live.events
+        # A consumer stays open through the scrapes too: subscription metrics.
+        subscriber = Subscriber(channel)
         await _traffic(stub, rounds=3)
+        await subscriber.wait_dead_lettered(channel)
 
-        async def scraped() -> bool:
-            answer = await asyncio.to_thread(
-                prometheus.query,
-                'sum(increase(activity_events_appended_total{job="activity-events"}[30s]))',
-            )
+        async def scraped(expr: str) -> bool:
+            answer = await asyncio.to_thread(prometheus.query, expr)
             result = answer["data"]["result"]
             return bool(result) and float(result[0]["value"][1]) > 0
 
-        for _ in range(50):
-            if await scraped():
-                break
-            await asyncio.sleep(0.2)
+        # Both rates need two scrapes after the traffic and the dead letter.
+        for expr in (
+            'sum(increase(activity_events_appended_total{job="activity-events"}[30s]))',
+            'count(rate(activity_subscription_dead_lettered_total{job="activity-events"}[30s]))',
+        ):
+            for _ in range(50):
+                if await scraped(expr):
+                    break
+                await asyncio.sleep(0.2)
         up = await asyncio.to_thread(prometheus.query, 'up{job="activity-events"}')
         assert [r["value"][1] for r in up["data"]["result"]] == ["1"]
 
@@ -360,7 +442,7 @@ async def test_real_prometheus_evaluates_every_dashboard_and_rule_query(
             answer = await asyncio.to_thread(prometheus.query, substitute(expr))
             if answer.get("status") != "success":
                 failures.append((title, expr, answer.get("error")))
-            elif title in CORE_PANELS and not answer["data"]["result"]:
+            elif title in (*CORE_PANELS, *SUBSCRIPTION_PANELS) and not answer["data"]["result"]:
                 empty.append((title, expr))
         assert not failures, failures
         assert not empty, empty
@@ -404,4 +486,6 @@ async def test_real_prometheus_evaluates_every_dashboard_and_rule_query(
     finally:
         if follower is not None:
             follower.cancel()
+        if subscriber is not None:
+            await subscriber.close()
         prometheus.stop()
