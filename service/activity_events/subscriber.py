@@ -466,6 +466,7 @@ class SubscriptionsServicer:
         local.discard(consumer)
         if not local:
             self._consumers.pop(name, None)
+            self.metrics.stop_observing(name)
         if not consumer.deleted:
             self.metrics.consumers.labels(name).set(len(local))
         if not self._consumers and self._monitor is not None:

@@ -215,6 +215,14 @@ class SubscriptionMetrics:
         self.pending.labels(name).set(stats.pending)
         self.dead_letters.labels(name).set(stats.dead_letters)
 
+    def stop_observing(self, name: str) -> None:
+        """This replica no longer refreshes the subscription's state gauges (its
+        last consumer here left): drop them rather than leave stale values for
+        ``max`` across replicas to pick up."""
+        for metric in (self.lag, self.pending, self.dead_letters):
+            with contextlib.suppress(KeyError):
+                metric.remove(name)
+
     def forget(self, name: str) -> None:
         """Drop a deleted subscription's series."""
         for metric in (
