@@ -313,6 +313,15 @@ async def test_lag_and_pending_return_to_zero_when_caught_up(
         )
         == 50
     )
+    # once the replica's last consumer leaves, it stops reporting the state gauges
+    await consumer.close()
+    labels = {"subscription": "lagging"}
+    await wait_until(
+        lambda: registry.get_sample_value("activity_subscription_lag", labels) is None,
+        DELIVERY_TIMEOUT,
+    )
+    assert registry.get_sample_value("activity_subscription_pending", labels) is None
+    assert registry.get_sample_value("activity_subscription_consumers", labels) == 0
 
 
 async def test_poison_event_is_dead_lettered_and_can_be_replayed(
