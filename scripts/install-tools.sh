@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system tools the test suite talks to, when they are missing:
 # redis-server and redis-cli (Debian redis-server, redis-tools), Prometheus
-# and promtool, and the dashboard type-check's npm packages. Python packages
+# and promtool, Chromium (page tests), h2load (nghttp2-client, a C load generator
+# for the benchmark tool), and the dashboard type-check's npm packages. Python packages
 # come from pyproject's dev extras (make's venv). Idempotent and quiet when
 # everything is present.
 set -euo pipefail
@@ -14,6 +15,7 @@ command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v npm >/dev/null 2>&1 || need+=(npm)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ] && ! command -v sudo >/dev/null 2>&1; then
