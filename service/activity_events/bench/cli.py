@@ -264,6 +264,7 @@ async def _bench(args: argparse.Namespace, uvloop_on: bool) -> int:
                 result["uvloop"] = uvloop_on
                 if spawned is not None:
                     result["server_startup_s"] = spawned.startup_s
+                    result["server_rss_mb_at_start"] = spawned.startup_rss_mb
                     if "server" in pids:
                         result["server_rss_mb"] = process_rss_mb(pids["server"])
                 failures += "error" in result

@@ -23,6 +23,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import grpc
+
 from activity_events.bench.scenarios import (
     Context,
     Result,
@@ -34,6 +36,7 @@ from activity_events.bench.stats import latency_fields
 from activity_events.pb import activityevents_pb2 as pb
 
 _METHOD = "/activityevents.ActivityEvents/CreateEvent"
+_COUNT_ATTEMPTS = 3
 _FINISHED = re.compile(r"finished in ([0-9.]+)(m?s),")
 
 
@@ -48,11 +51,21 @@ def _children_cpu() -> float:
 
 
 async def _stored_events(ctx: Context, deployment: int) -> int:
-    events = 0
+    """Events the deployment holds, read back (again after a transient failure)."""
     request = pb.WatchEventsRequest(deployment_id=deployment)
-    async for response in ctx.pool.stub(0).WatchEvents(request, timeout=ctx.options.timeout):
-        events += len(response.events)
-    return events
+    for attempt in range(_COUNT_ATTEMPTS):
+        events = 0
+        try:
+            call = ctx.pool.stub(0).WatchEvents(request, timeout=ctx.options.timeout)
+            async for response in call:
+                events += len(response.events)
+        except grpc.aio.AioRpcError as exc:
+            if attempt + 1 >= _COUNT_ATTEMPTS or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            await asyncio.sleep(0.5 * (attempt + 1))
+            continue
+        return events
+    return 0
 
 
 async def run_create_h2load(ctx: Context) -> Result:

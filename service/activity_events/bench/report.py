@@ -32,10 +32,14 @@ def emit_json(result: Result, stream: TextIO) -> None:
 
 
 def median_result(runs: list[Result]) -> Result:
-    """One result whose numbers are the medians of ``runs`` (others from the first run)."""
-    merged: Result = dict(runs[0])
+    """One result whose numbers are the medians of the successful ``runs``.
+
+    Other fields come from the first successful run; failed runs are counted
+    in ``failed_runs`` (and the result keeps an ``error`` only if all failed).
+    """
     ok = [r for r in runs if "error" not in r]
-    for key, value in runs[0].items():
+    merged: Result = dict(ok[0] if ok else runs[0])
+    for key, value in merged.items():
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
         values = [r[key] for r in ok if isinstance(r.get(key), int | float)]

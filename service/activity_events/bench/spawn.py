@@ -27,6 +27,8 @@ import grpc
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from activity_events.bench.stats import process_rss_mb
+
 logger = logging.getLogger(__name__)
 
 _READY_TIMEOUT_S = 20.0
@@ -85,6 +87,7 @@ class Spawned:
     redis_url: str | None = None
     children: list[Child] = field(default_factory=list)
     startup_s: float | None = None
+    startup_rss_mb: float | None = None
 
     def pids(self) -> dict[str, int]:
         """Role -> PID of the running children (for CPU and RSS accounting)."""
@@ -228,6 +231,7 @@ async def spawn_stack(*, echo: bool, server_env: dict[str, str] | None = None) -
             spawned.children.append(child)
             await _wait_serving(child, spawned.target, health=True)
         spawned.startup_s = round(time.perf_counter() - started, 3)
+        spawned.startup_rss_mb = process_rss_mb(child.pid)
     except BaseException:
         spawned.stop()
         raise
