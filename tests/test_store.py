@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import grpc
+import pytest
 import redis.asyncio as redis_asyncio
 
 from activity_events import keys, wire
@@ -100,3 +102,27 @@ async def test_history_assembled_in_redis_equals_the_reference_encoding(
     assert sum(n for n, _, _ in rest) == len(sizes) - 4
     payloads = [p async for page in store.history_payloads(9) for p in page]
     assert payloads == [e.payload for e in reference]
+
+
+async def test_an_entry_written_by_something_else_is_data_loss_not_a_crash(
+    server: Any, stub: Any, redis_client: redis_asyncio.Redis
+) -> None:
+    await create(stub, 3, 1, "ours")
+    await redis_client.xadd(keys.events(3), {b"x": b"not an event"})
+    for request in (
+        pb.WatchEventsRequest(deployment_id=0),  # merged in Python
+        pb.WatchEventsRequest(deployment_id=3),  # assembled in Redis
+    ):
+        history = stub.WatchEvents(request, timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in history:
+                pass
+        assert info.value.code() == grpc.StatusCode.DATA_LOSS
+        assert "has no event field" in (info.value.details() or "")
+    listing = stub.ListEvents(pb.Deployment(id=3), timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for _ in listing:
+            pass
+    assert info.value.code() == grpc.StatusCode.DATA_LOSS
+    # the server goes on serving
+    assert (await create(stub, 3, 2, "still fine")).success

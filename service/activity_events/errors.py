@@ -47,6 +47,11 @@ class FollowerLagged(Exhausted):
         self.last_cursor = last_cursor
 
 
+class Corrupt(ActivityError):
+    """Stored data is not what this service writes (e.g. a stream entry without
+    its event field, written by something else)."""
+
+
 class StoreUnavailable(ActivityError):
     """Redis could not be reached or answered in time; the call may be retried."""
 

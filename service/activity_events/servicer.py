@@ -26,6 +26,7 @@ from . import SERVICE_NAME, wire
 from .errors import (
     ActivityError,
     Conflict,
+    Corrupt,
     Exhausted,
     FollowerLagged,
     InvalidArgument,
@@ -52,6 +53,7 @@ STATUS: dict[type[ActivityError], grpc.StatusCode] = {
     OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     Exhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    Corrupt: grpc.StatusCode.DATA_LOSS,
 }
 """Domain error -> gRPC status. Subclasses map through their nearest listed base."""
 

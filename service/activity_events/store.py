@@ -26,7 +26,7 @@ from redis import exceptions as rexc
 from . import keys
 from .errors import (
     ActivityError,
-    InvalidArgument,
+    Corrupt,
     NotFound,
     NotReplicated,
     OutOfRange,
@@ -44,6 +44,9 @@ SCRIPT_CHUNK = 200
 
 COALESCE_MAX = 512
 """Most concurrent unary creates sent to Redis in one round trip."""
+
+PIPELINE_CHUNK = 500
+"""Commands per pipeline when one is sent for each of many deployments."""
 
 MERGE_PAGE_FLOOR = 16
 """Smallest per-deployment page when merging many deployments into one ordered stream."""
@@ -186,6 +189,8 @@ class EventStore:
                 "redis rejected the credentials (check the password or ACL user)"
             ) from None
         except rexc.ResponseError as exc:
+            if "CORRUPT " in str(exc):  # raised by our read script
+                raise Corrupt(str(exc)[str(exc).index("CORRUPT ") + 8 :][:200]) from None
             if "NOPERM" in str(exc) or "NOAUTH" in str(exc):
                 if self.on_failure is not None:
                     self.on_failure()
@@ -493,8 +498,8 @@ class EventStore:
     async def check_cursor_all(self, cursor: Cursor) -> None:
         """OutOfRange when any deployment lost events newer than ``cursor`` to retention."""
         ids = await self.deployment_ids()
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
+        for start in range(0, len(ids), PIPELINE_CHUNK):
+            chunk = ids[start : start + PIPELINE_CHUNK]
             pipe = self._redis.pipeline(transaction=False)
             for d in chunk:
                 pipe.hget(keys.meta(d), "trimmed")
@@ -531,20 +536,26 @@ class EventStore:
         per = max(MERGE_PAGE_FLOOR, min(self._settings.page_size, MERGE_BUDGET // len(ids)))
         out_page = self._settings.page_size
 
-        async def first_page(d: int) -> list[StoredEvent]:
+        def start(d: int) -> str:
             if after is None:
-                return await self.read_page(d, None, per)
+                return "-"
             # Same entry id: deployments ordered after the cursor's come after it.
-            return await self.read_page(d, after, per, inclusive=d > after.deployment_id)
+            return after.entry_id if d > after.deployment_id else "(" + after.entry_id
 
         buffers: dict[int, list[StoredEvent]] = {}
         positions: dict[int, int] = {}
         heap: list[tuple[tuple[int, int, int], int]] = []
-        for d in ids:
-            rows = await first_page(d)
-            if rows:
-                buffers[d], positions[d] = rows, 0
-                heap.append((rows[0].cursor.key(), d))
+        for first in range(0, len(ids), PIPELINE_CHUNK):  # first pages: one round trip per chunk
+            chunk = ids[first : first + PIPELINE_CHUNK]
+            pipe = self._redis.pipeline(transaction=False)
+            for d in chunk:
+                pipe.xrange(keys.events(d), start(d), "+", count=per)
+            replies: Any = await self.bounded(pipe.execute())
+            for d, raw in zip(chunk, replies, strict=True):
+                rows = [_stored(d, entry, fields) for entry, fields in raw]
+                if rows:
+                    buffers[d], positions[d] = rows, 0
+                    heap.append((rows[0].cursor.key(), d))
         heapq.heapify(heap)
         batch: list[StoredEvent] = []
         while heap:
@@ -630,5 +641,5 @@ class EventStore:
 def _stored(deployment_id: int, entry: bytes, fields: dict[bytes, bytes]) -> StoredEvent:
     payload = fields.get(keys.EVENT_FIELD)
     if payload is None:
-        raise InvalidArgument("store", f"stream entry {entry!r} has no event field")
+        raise Corrupt(f"deployment {deployment_id}: stream entry {entry!r} has no event field")
     return StoredEvent(Cursor.from_entry(deployment_id, entry), payload)

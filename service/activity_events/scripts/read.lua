@@ -21,11 +21,13 @@
 
 -- varint() comes from lib.lua.
 
-local function payload_of(fields)
+local function payload_of(row)
+  local fields = row[2]
   for i = 1, #fields, 2 do
     if fields[i] == 'e' then return fields[i + 1] end
   end
-  return ''
+  -- not written by this service: refuse rather than send an empty event
+  error('CORRUPT stream entry ' .. row[1] .. ' has no event field')
 end
 
 local count = tonumber(ARGV[2])
@@ -36,7 +38,7 @@ if #rows == count then more = 1 end
 if ARGV[3] == 'list' then
   local out = {#rows, '', more}
   for i, row in ipairs(rows) do
-    out[3 + i] = payload_of(row[2])
+    out[3 + i] = payload_of(row)
   end
   if #rows > 0 then out[2] = rows[#rows][1] end
   return out
@@ -48,7 +50,7 @@ local parts = {}
 local size = 0
 local last = ''
 for _, row in ipairs(rows) do
-  local payload = payload_of(row[2])
+  local payload = payload_of(row)
   local cursor = prefix .. row[1]
   local body = '\10' .. varint(#payload) .. payload .. '\18' .. varint(#cursor) .. cursor
   local piece = '\10' .. varint(#body) .. body
