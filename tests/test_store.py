@@ -11,6 +11,7 @@ import pytest
 import redis.asyncio as redis_asyncio
 
 from activity_events import keys, wire
+from activity_events.events import Cursor
 from activity_events.pb import activityevents_pb2 as pb
 from tests.support.streams import create, event, list_events
 
@@ -69,39 +70,32 @@ async def test_coalesced_creates_each_get_their_own_answer(
         assert await redis_client.xlen(keys.events(d)) == len(stored)
 
 
-async def test_history_assembled_in_redis_equals_the_reference_encoding(
-    server: Any, stub: Any
-) -> None:
-    """read.lua builds WatchEvents bodies inside Redis; they must be byte for
-    byte what the protobuf runtime (and wire.watch_responses) produce, for
-    every varint width and across the byte budget."""
+async def test_replay_pages_encode_exactly_like_the_reference(server: Any, stub: Any) -> None:
+    """The replay path (unparsed XRANGE pages framed by wire.watch_responses_rows)
+    must produce byte for byte what the protobuf runtime produces, for every
+    varint width, across the byte budget, with limits and cursors."""
     sizes = [0, 1, 100, 127, 128, 300, 16_383, 16_384, 40_000, 5, 200_000 % 65_000]
-    await stub.CreateEvents(
-        pb.CreateEventsRequest(
-            events=[event(9, i + 1, "é" * (n // 2) + "x" * (n % 2)) for i, n in enumerate(sizes)]
-        ),
-        timeout=10,
-    )
+    events = [event(9, i + 1, "é" * (n // 2) + "x" * (n % 2)) for i, n in enumerate(sizes)]
+    await stub.CreateEvents(pb.CreateEventsRequest(events=events), timeout=10)
     store = server.store
     reference = await store.read_page(9, None, 100)
-    count, last, more, body = await store.read_wire(9, None, 100, 1 << 30)
-    assert (count, more) == (len(sizes), False)
-    assert last == reference[-1].cursor
+    pages = [rows async for rows in store.history_flat(9, None, None)]
+    rows = [row for page in pages for row in page]
+    assert [wire.payload_of(b"9:", e, f) for e, f in rows] == [e.payload for e in reference]
+    body = b"".join(wire.watch_responses_rows(b"9:", rows, 1 << 30))
     assert body == wire.watch_response(reference)
     parsed = pb.WatchEventsResponse.FromString(body)
     assert [e.event.id for e in parsed.events] == list(range(1, len(sizes) + 1))
-
-    # a small budget cuts pages; following them yields everything once, in order
-    pages = [p async for p in store.history_wire(9, None, None, max_bytes=20_000)]
-    assert sum(n for n, _, _ in pages) == len(sizes) and len(pages) > 2
-    assert b"".join(body for _, _, body in pages) == wire.watch_response(reference)
+    assert [e.cursor for e in parsed.events] == [str(e.cursor) for e in reference]
+    # a small budget splits messages without changing the bytes
+    split = list(wire.watch_responses_rows(b"9:", rows, 20_000))
+    assert len(split) > 2 and b"".join(split) == body
     # a limit stops exactly there, a cursor resumes after it
-    limited = [p async for p in store.history_wire(9, None, 4, max_bytes=1 << 20)]
-    assert sum(n for n, _, _ in limited) == 4
-    rest = [p async for p in store.history_wire(9, limited[-1][1], None, max_bytes=1 << 20)]
-    assert sum(n for n, _, _ in rest) == len(sizes) - 4
-    payloads = [p async for page in store.history_payloads(9) for p in page]
-    assert payloads == [e.payload for e in reference]
+    limited = [rows async for rows in store.history_flat(9, None, 4)]
+    assert sum(len(rows) for rows in limited) == 4
+    resume = Cursor.from_entry(9, limited[-1][-1][0])
+    rest = [rows async for rows in store.history_flat(9, resume, None)]
+    assert sum(len(rows) for rows in rest) == len(sizes) - 4
 
 
 async def test_an_entry_written_by_something_else_is_data_loss_not_a_crash(
@@ -111,7 +105,7 @@ async def test_an_entry_written_by_something_else_is_data_loss_not_a_crash(
     await redis_client.xadd(keys.events(3), {b"x": b"not an event"})
     for request in (
         pb.WatchEventsRequest(deployment_id=0),  # merged in Python
-        pb.WatchEventsRequest(deployment_id=3),  # assembled in Redis
+        pb.WatchEventsRequest(deployment_id=3),  # the replay fast path
     ):
         history = stub.WatchEvents(request, timeout=10)
         with pytest.raises(grpc.aio.AioRpcError) as info:

@@ -143,7 +143,6 @@ class Application:
             socket_timeout=settings.hub_block_ms / 1000 + settings.redis_timeout_seconds + 1,
         )
         metrics = self.metrics
-        instrument_redis(client, metrics)
         instrument_redis(hub_client, metrics)  # its blocking reads are neither timed nor traced
         reader: Reader
         if target.cluster:
@@ -156,6 +155,8 @@ class Application:
         else:
             reader = BlockingReader(hub_client)
         self.store = EventStore(client, settings, cluster=target.cluster)
+        for store_client in self.store.clients:
+            instrument_redis(store_client, metrics)
         self.hub = Hub(
             reader,
             self.store,

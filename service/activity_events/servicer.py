@@ -222,9 +222,10 @@ class ActivityEventsServicer:
                     for event in page:
                         yield event.payload
             else:
-                async for payloads in self._store.history_payloads(deployment):
-                    for payload in payloads:
-                        yield payload
+                prefix = f"{deployment}:".encode()
+                async for rows in self._store.history_flat(deployment, None, None):
+                    for entry, fields in rows:
+                        yield wire.payload_of(prefix, entry, fields)
 
     # -- new RPCs ------------------------------------------------------------------
 
@@ -339,15 +340,15 @@ class ActivityEventsServicer:
                     if remaining == 0:
                         return
             else:
-                # One deployment: pages are strictly after `position`, in order,
-                # and come from Redis already shaped as response messages.
-                async for count, last, body in self._store.history_wire(
-                    deployment, position, remaining, MAX_RESPONSE_BYTES
-                ):
-                    seen[deployment] = last
+                # One deployment: pages are strictly after `position` and in
+                # order, so they go out as wire bytes with no per-event objects.
+                prefix = f"{deployment}:".encode()
+                async for rows in self._store.history_flat(deployment, position, remaining):
+                    seen[deployment] = Cursor.from_entry(deployment, rows[-1][0])
                     if remaining is not None:
-                        remaining -= count
-                    yield body
+                        remaining -= len(rows)
+                    for message in wire.watch_responses_rows(prefix, rows, MAX_RESPONSE_BYTES):
+                        yield message
                     if remaining == 0:
                         return
             if sub is None:

@@ -140,7 +140,15 @@ class EventStore:
         self._timeout = settings.redis_timeout_seconds
         self._append = LuaScript("append.lua")
         self._delete = LuaScript("delete.lua")
-        self._read = LuaScript("read.lua")
+        # Replay reads XRANGE through a second client on the same pool whose
+        # reply is left as hiredis parsed it (nested lists of bytes): redis-py's
+        # usual conversion to a tuple and a dict per entry costs more than all
+        # the rest of the server's work per replayed event. (On Cluster the
+        # usual client is used; its replies are normalised to the same shape.)
+        self._raw: aioredis.Redis | None = None
+        if not cluster:
+            self._raw = aioredis.Redis(connection_pool=client.connection_pool)
+            self._raw.set_response_callback("XRANGE", _unparsed)
         self._pending: list[tuple[NewEvent, int, asyncio.Future[AppendResult]]] = []
         self._flush_scheduled = False
         self._flushes: set[asyncio.Task[None]] = set()
@@ -189,8 +197,6 @@ class EventStore:
                 "redis rejected the credentials (check the password or ACL user)"
             ) from None
         except rexc.ResponseError as exc:
-            if "CORRUPT " in str(exc):  # raised by our read script
-                raise Corrupt(str(exc)[str(exc).index("CORRUPT ") + 8 :][:200]) from None
             if "NOPERM" in str(exc) or "NOAUTH" in str(exc):
                 if self.on_failure is not None:
                     self.on_failure()
@@ -418,49 +424,51 @@ class EventStore:
         rows = await self.read_rows(deployment_id, after, count, inclusive=inclusive)
         return [_stored(deployment_id, entry, fields) for entry, fields in rows]
 
-    async def read_wire(
-        self, deployment_id: int, after: Cursor | None, count: int, max_bytes: int
-    ) -> tuple[int, Cursor | None, bool, bytes]:
-        """Up to ``count`` events after ``after`` as one WatchEventsResponse body of
-        at most about ``max_bytes``, assembled inside Redis (scripts/read.lua).
-        Returns (events, cursor of the last one, whether more may follow, body)."""
-        start = "-" if after is None else "(" + after.entry_id
-        prefix = f"{deployment_id}:"
-        reply = await self.bounded(
-            self._read(
-                self._redis,
-                [keys.events(deployment_id)],
-                [start, count, "watch", prefix, max_bytes],
-            )
-        )
-        n, last, more, body = reply
-        cursor = Cursor.from_entry(deployment_id, last) if n else None
-        return int(n), cursor, bool(more), bytes(body)
+    @property
+    def clients(self) -> list[aioredis.Redis]:
+        """Every client object the store sends commands through (for instrumentation)."""
+        return [self._redis] if self._raw is None else [self._redis, self._raw]
 
-    async def history_wire(
-        self, deployment_id: int, after: Cursor | None, limit: int | None, max_bytes: int
-    ) -> AsyncIterator[tuple[int, Cursor, bytes]]:
-        """One deployment's history after ``after`` (at most ``limit`` events) as
-        ready WatchEventsResponse bodies: (events, last cursor, body). The next
-        page is read while the caller sends this one."""
+    async def read_flat(self, deployment_id: int, start: str, count: int) -> tuple[bool, list[Any]]:
+        """Up to ``count`` entries of one deployment from ``start`` ("-" or
+        "(<entry id>") as ``[[entry id, [field, value, ...]], ...]``, and whether
+        more may follow (the page is full)."""
+        key = keys.events(deployment_id)
+        if self._raw is not None:
+            rows: Any = await self.bounded(
+                self._raw.execute_command("XRANGE", key, start, "+", "COUNT", count)  # type: ignore[no-untyped-call]
+            )
+        else:
+            parsed: Any = await self.bounded(self._redis.xrange(key, start, "+", count=count))
+            rows = [
+                [entry, [f for pair in fields.items() for f in pair]] for entry, fields in parsed
+            ]
+        return len(rows) == count, rows
+
+    async def history_flat(
+        self, deployment_id: int, after: Cursor | None, limit: int | None
+    ) -> AsyncIterator[list[Any]]:
+        """One deployment's history after ``after`` (at most ``limit`` events) in
+        pages of raw entries (see :meth:`read_flat`), oldest first. The next page
+        is read from Redis while the caller sends this one."""
         page = self._settings.page_size
 
-        def read(position: Cursor | None, remaining: int | None) -> asyncio.Future[Any]:
+        def read(start: str, remaining: int | None) -> asyncio.Future[tuple[bool, list[Any]]]:
             count = page if remaining is None else min(page, remaining)
-            return asyncio.ensure_future(self.read_wire(deployment_id, position, count, max_bytes))
+            return asyncio.ensure_future(self.read_flat(deployment_id, start, count))
 
-        pending = read(after, limit)
+        pending = read("-" if after is None else "(" + after.entry_id, limit)
         try:
             while True:
-                n, last, more, body = await pending
-                if n == 0 or last is None:
+                more, rows = await pending
+                if not rows:
                     return
                 if limit is not None:
-                    limit -= n
-                more = more and (limit is None or limit > 0)
+                    limit -= len(rows)
+                    more = more and limit > 0
                 if more:
-                    pending = read(last, limit)
-                yield n, last, body
+                    pending = read("(" + rows[-1][0].decode(), limit)
+                yield rows
                 if not more:
                     return
         finally:
@@ -468,21 +476,6 @@ class EventStore:
                 pending.cancel()
                 with contextlib.suppress(asyncio.CancelledError, ActivityError):
                     await pending
-
-    async def history_payloads(self, deployment_id: int) -> AsyncIterator[list[bytes]]:
-        """Pages of one deployment's EventRequest bytes, oldest first (ListEvents)."""
-        page = self._settings.page_size
-        start = "-"
-        while True:
-            reply = await self.bounded(
-                self._read(self._redis, [keys.events(deployment_id)], [start, page, "list"])
-            )
-            n, last, more, *payloads = reply
-            if n:
-                yield payloads
-            if not more or not n:
-                return
-            start = "(" + last.decode()
 
     async def check_cursor(self, cursor: Cursor) -> None:
         """OutOfRange when events after ``cursor`` were removed by retention."""
@@ -636,6 +629,10 @@ class EventStore:
             self._redis.xrevrange(keys.NEW_DEPLOYMENTS, "+", "-", count=1)
         )
         return bytes(rows[0][0]) if rows else b"0-0"
+
+
+def _unparsed(response: Any, **options: Any) -> Any:
+    return response
 
 
 def _stored(deployment_id: int, entry: bytes, fields: dict[bytes, bytes]) -> StoredEvent:
