@@ -111,7 +111,7 @@ class Settings(BaseSettings):
     )
     max_batch: int = Field(1000, gt=0, description="Most events in one CreateEvents call.")
     page_size: int = Field(
-        500, gt=0, le=10000, description="Events read from Redis per history page."
+        2000, gt=0, le=10000, description="Events read from Redis per history page."
     )
     retention_max_len: int = Field(
         0, ge=0, description="Keep about this many events per deployment; 0 keeps all."
