@@ -92,3 +92,36 @@ def test_execution_time_is_zero_without_timestamp() -> None:
         max_message_bytes=10,
     )
     assert timed.execution_ms(5_000_000) == 4
+
+
+@pytest.mark.parametrize(
+    ("message", "send", "receive", "deployment"),
+    [
+        ("", 0, 0, 1),
+        ("hello", 0, 1_764_370_000_000_000_000, 7),
+        ("é" * 300 + "\u0000\U0001f600", 1, 2**62, 2**31 - 1),
+        ("x" * 70_000, -5, 123, 42),  # negative send: int64 two's complement
+        ("m", 2**63 - 1, 0, 3),
+    ],
+)
+def test_hand_encoded_payload_matches_the_protobuf_runtime(
+    message: str, send: int, receive: int, deployment: int
+) -> None:
+    new = validate_new(
+        pb.EventRequest(
+            id=5, deployment_id=deployment, message=message, timestamp=pb.Timestamp(send=send)
+        ),
+        max_message_bytes=1 << 20,
+    )
+    expected = pb.EventRequest(
+        message=message,
+        timestamp=pb.Timestamp(send=send, receive=receive),
+        deployment_id=deployment,
+    ).SerializeToString()
+    assert new.payload_without_id(receive) == expected
+
+
+@pytest.mark.parametrize("text", ["1-", "-1", "a-1", "1-b", "1", "", "1--2"])
+def test_entry_ids_are_checked(text: str) -> None:
+    with pytest.raises(ValueError, match="not a stream entry id"):
+        Cursor.from_entry(1, text)

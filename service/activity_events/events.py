@@ -20,7 +20,19 @@ from .pb import activityevents_pb2 as pb
 INT32_MAX = 2**31 - 1
 
 _CURSOR = re.compile(r"^(?:(\d{1,10}):)?(\d{1,20})-(\d{1,20})$")
-_ENTRY_ID = re.compile(rb"^(\d+)-(\d+)$")
+
+
+def _varint(n: int) -> bytes:
+    """Protobuf varint of a non-negative int64, or of a negative one as its
+    64-bit two's complement (how int64 fields encode negative values)."""
+    if n < 0:
+        n += 1 << 64
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 @total_ordering
@@ -53,11 +65,12 @@ class Cursor:
 
     @classmethod
     def from_entry(cls, deployment_id: int, entry_id: bytes | str) -> Cursor:
+        """The cursor of a stream entry id as Redis returns it ("<ms>-<seq>")."""
         raw = entry_id.encode() if isinstance(entry_id, str) else entry_id
-        match = _ENTRY_ID.match(raw)
-        if match is None:
+        ms, dash, seq = raw.partition(b"-")
+        if not (dash and ms.isdigit() and seq.isdigit()):
             raise ValueError(f"not a stream entry id: {raw!r}")
-        return cls(deployment_id, int(match.group(1)), int(match.group(2)))
+        return cls(deployment_id, int(ms), int(seq))
 
     @classmethod
     def parse(cls, text: str, *, deployment_id: int, field: str = "after") -> Cursor:
@@ -91,9 +104,12 @@ class Cursor:
         return cls(owner, ms, seq)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NewEvent:
-    """A validated event to store. ``event_id == 0`` asks for the next free id."""
+    """A validated event to store. ``event_id == 0`` asks for the next free id.
+
+    Treated as immutable; not frozen because a frozen dataclass is several times
+    slower to build, and bulk ingestion builds one per event."""
 
     deployment_id: int
     event_id: int
@@ -109,13 +125,22 @@ class NewEvent:
 
     def payload_without_id(self, receive_ns: int) -> bytes:
         """EventRequest bytes of every field but ``id`` (field 1), which the append
-        script prepends once the id is known. Protobuf parsers accept fields in
-        any order, and readers see one well-formed EventRequest."""
-        return pb.EventRequest(
-            message=self.message,
-            timestamp=pb.Timestamp(send=self.send_ns, receive=receive_ns),
-            deployment_id=self.deployment_id,
-        ).SerializeToString()
+        script prepends once the id is known, so the stored bytes are the
+        canonical encoding (fields in number order). Encoded by hand: this runs
+        once per ingested event, and building a message object costs more than
+        the rest of the event's work. tests/test_events.py checks it against the
+        protobuf runtime."""
+        message = self.message.encode()
+        timestamp = (b"\x08" + _varint(self.send_ns) if self.send_ns else b"") + (
+            b"\x10" + _varint(receive_ns) if receive_ns else b""
+        )
+        return b"".join(
+            (
+                b"\x12" + _varint(len(message)) + message if message else b"",
+                b"\x1a" + _varint(len(timestamp)) + timestamp,
+                b"\x20" + _varint(self.deployment_id),
+            )
+        )
 
     def execution_ms(self, receive_ns: int) -> int:
         """(receive - send) in ms, as the original service reported; 0 without a timestamp."""

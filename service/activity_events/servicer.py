@@ -240,16 +240,15 @@ class ActivityEventsServicer:
                 )
             if self._metrics is not None:
                 self._metrics.batch_size.observe(len(request.events))
-            results: list[pb.EventResult] = []
+            results: list[pb.EventResult | None] = []
             valid = []
             where = []
+            limit = self._settings.max_message_bytes
             for index, event in enumerate(request.events):
                 try:
-                    valid.append(
-                        validate_new(event, max_message_bytes=self._settings.max_message_bytes)
-                    )
+                    valid.append(validate_new(event, max_message_bytes=limit))
                     where.append(index)
-                    results.append(pb.EventResult(index=index))
+                    results.append(None)  # filled in once stored
                 except InvalidArgument as error:
                     results.append(
                         pb.EventResult(
@@ -265,19 +264,31 @@ class ActivityEventsServicer:
                 stored = await self._store.append(valid, receive)
                 self._count(stored)
                 for index, new, result in zip(where, valid, stored, strict=True):
-                    out = results[index]
-                    out.id = result.event_id or new.event_id
-                    out.deployment_id = new.deployment_id
-                    out.outcome = _OUTCOMES[result.outcome]
-                    if result.outcome is Outcome.CONFLICT:
-                        out.reason = f"id: event {new.event_id} exists with a different message"
-                    elif result.outcome is Outcome.EXHAUSTED:
-                        out.reason = f"id: deployment {new.deployment_id} has no free event id left"
+                    outcome = result.outcome
+                    if outcome is Outcome.CREATED or outcome is Outcome.DUPLICATE:
+                        results[index] = pb.EventResult(
+                            index=index,
+                            id=result.event_id,
+                            deployment_id=new.deployment_id,
+                            outcome=_OUTCOMES[outcome],
+                            cursor=str(result.cursor),
+                            receive=receive,
+                        )
                     else:
-                        out.cursor = str(result.cursor)
-                        out.receive = receive
+                        reason = (
+                            f"id: event {new.event_id} exists with a different message"
+                            if outcome is Outcome.CONFLICT
+                            else f"id: deployment {new.deployment_id} has no free event id left"
+                        )
+                        results[index] = pb.EventResult(
+                            index=index,
+                            id=result.event_id or new.event_id,
+                            deployment_id=new.deployment_id,
+                            outcome=_OUTCOMES[outcome],
+                            reason=reason,
+                        )
             self._count((), invalid=len(results) - len(valid))
-            return pb.CreateEventsResponse(results=results)
+            return pb.CreateEventsResponse(results=[r for r in results if r is not None])
         raise AssertionError("unreachable")
 
     async def WatchEvents(

@@ -105,7 +105,7 @@ class Outcome(enum.Enum):
 _CODES = {0: Outcome.CREATED, 1: Outcome.DUPLICATE, 2: Outcome.CONFLICT, 3: Outcome.EXHAUSTED}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AppendResult:
     outcome: Outcome
     event_id: int
