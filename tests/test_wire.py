@@ -62,3 +62,40 @@ def test_watch_responses_split_by_size_and_keep_order() -> None:
 @pytest.mark.parametrize("n", [0, 1, 127, 128, 16383, 16384, 2**21 + 5])
 def test_varint_table_and_fallback_agree(n: int) -> None:
     assert wire.varint(n) == wire._varint(n)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"index": 0, "id": 1, "deployment_id": 1, "outcome": pb.OUTCOME_CREATED},
+        {
+            "index": 999,
+            "id": 2**31 - 1,
+            "deployment_id": 2**31 - 1,
+            "outcome": pb.OUTCOME_DUPLICATE,
+            "cursor": "2147483647:1764370000000-3",
+            "receive": 2**62 + 5,
+        },
+        {
+            "index": 3,
+            "id": -7,
+            "deployment_id": -(2**31),
+            "outcome": pb.OUTCOME_INVALID,
+            "reason": "deployment_id: must be > 0, got -2147483648 — é",
+        },
+        {"index": 1, "id": 5, "deployment_id": 2, "outcome": pb.OUTCOME_CONFLICT, "reason": "x"},
+    ],
+)
+def test_event_result_matches_the_protobuf_runtime(fields: dict[str, object]) -> None:
+    expected = pb.CreateEventsResponse(results=[pb.EventResult(**fields)]).SerializeToString()  # type: ignore[arg-type]
+    encoded = wire.event_result(
+        int(fields.get("index", 0)),  # type: ignore[call-overload]
+        int(fields.get("id", 0)),  # type: ignore[call-overload]
+        int(fields.get("deployment_id", 0)),  # type: ignore[call-overload]
+        int(fields.get("outcome", 0)),  # type: ignore[call-overload]
+        cursor=str(fields.get("cursor", "")),
+        reason=str(fields.get("reason", "")),
+        receive=int(fields.get("receive", 0)),  # type: ignore[call-overload]
+    )
+    assert encoded == expected

@@ -35,6 +35,11 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
+def receive_timestamp_field(receive_ns: int) -> bytes:
+    """Timestamp.receive (field 2) as encoded inside the stored payload."""
+    return b"\x10" + _varint(receive_ns) if receive_ns else b""
+
+
 @total_ordering
 @dataclass(frozen=True, slots=True)
 class Cursor:
@@ -123,7 +128,7 @@ class NewEvent:
         it, so a client's retry with a fresh send time is still a duplicate."""
         return hashlib.blake2b(self.message.encode(), digest_size=8).hexdigest()
 
-    def payload_without_id(self, receive_ns: int) -> bytes:
+    def payload_without_id(self, receive_ns: int, receive_field: bytes | None = None) -> bytes:
         """EventRequest bytes of every field but ``id`` (field 1), which the append
         script prepends once the id is known, so the stored bytes are the
         canonical encoding (fields in number order). Encoded by hand: this runs
@@ -131,9 +136,9 @@ class NewEvent:
         the rest of the event's work. tests/test_events.py checks it against the
         protobuf runtime."""
         message = self.message.encode()
-        timestamp = (b"\x08" + _varint(self.send_ns) if self.send_ns else b"") + (
-            b"\x10" + _varint(receive_ns) if receive_ns else b""
-        )
+        if receive_field is None:  # callers encoding a batch pass it, computed once
+            receive_field = receive_timestamp_field(receive_ns)
+        timestamp = (b"\x08" + _varint(self.send_ns) if self.send_ns else b"") + receive_field
         return b"".join(
             (
                 b"\x12" + _varint(len(message)) + message if message else b"",

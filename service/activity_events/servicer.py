@@ -229,9 +229,7 @@ class ActivityEventsServicer:
 
     # -- new RPCs ------------------------------------------------------------------
 
-    async def CreateEvents(
-        self, request: pb.CreateEventsRequest, context: Context
-    ) -> pb.CreateEventsResponse:
+    async def CreateEvents(self, request: pb.CreateEventsRequest, context: Context) -> bytes:
         async with self._call(context, request, limit=self.unary_limit):
             if len(request.events) > self._settings.max_batch:
                 raise InvalidArgument(
@@ -240,7 +238,7 @@ class ActivityEventsServicer:
                 )
             if self._metrics is not None:
                 self._metrics.batch_size.observe(len(request.events))
-            results: list[pb.EventResult | None] = []
+            results: list[bytes] = []
             valid = []
             where = []
             limit = self._settings.max_message_bytes
@@ -248,14 +246,14 @@ class ActivityEventsServicer:
                 try:
                     valid.append(validate_new(event, max_message_bytes=limit))
                     where.append(index)
-                    results.append(None)  # filled in once stored
+                    results.append(b"")  # filled in once stored
                 except InvalidArgument as error:
                     results.append(
-                        pb.EventResult(
-                            index=index,
-                            id=event.id,
-                            deployment_id=event.deployment_id,
-                            outcome=pb.OUTCOME_INVALID,
+                        wire.event_result(
+                            index,
+                            event.id,
+                            event.deployment_id,
+                            pb.OUTCOME_INVALID,
                             reason=str(error),
                         )
                     )
@@ -266,11 +264,11 @@ class ActivityEventsServicer:
                 for index, new, result in zip(where, valid, stored, strict=True):
                     outcome = result.outcome
                     if outcome is Outcome.CREATED or outcome is Outcome.DUPLICATE:
-                        results[index] = pb.EventResult(
-                            index=index,
-                            id=result.event_id,
-                            deployment_id=new.deployment_id,
-                            outcome=_OUTCOMES[outcome],
+                        results[index] = wire.event_result(
+                            index,
+                            result.event_id,
+                            new.deployment_id,
+                            _OUTCOMES[outcome],
                             cursor=str(result.cursor),
                             receive=receive,
                         )
@@ -280,15 +278,15 @@ class ActivityEventsServicer:
                             if outcome is Outcome.CONFLICT
                             else f"id: deployment {new.deployment_id} has no free event id left"
                         )
-                        results[index] = pb.EventResult(
-                            index=index,
-                            id=result.event_id or new.event_id,
-                            deployment_id=new.deployment_id,
-                            outcome=_OUTCOMES[outcome],
+                        results[index] = wire.event_result(
+                            index,
+                            result.event_id or new.event_id,
+                            new.deployment_id,
+                            _OUTCOMES[outcome],
                             reason=reason,
                         )
             self._count((), invalid=len(results) - len(valid))
-            return pb.CreateEventsResponse(results=[r for r in results if r is not None])
+            return b"".join(results)
         raise AssertionError("unreachable")
 
     async def WatchEvents(
@@ -475,7 +473,7 @@ def generic_handler(servicer: ActivityEventsServicer) -> grpc.GenericRpcHandler[
         "CreateEvents": grpc.unary_unary_rpc_method_handler(
             servicer.CreateEvents,
             request_deserializer=parser(pb.CreateEventsRequest),
-            response_serializer=pb.CreateEventsResponse.SerializeToString,
+            response_serializer=wire.identity,  # wire.event_result bytes
         ),
         "ListDeployments": grpc.unary_unary_rpc_method_handler(
             servicer.ListDeployments,

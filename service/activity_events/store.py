@@ -32,7 +32,7 @@ from .errors import (
     OutOfRange,
     StoreUnavailable,
 )
-from .events import Cursor, NewEvent, StoredEvent
+from .events import Cursor, NewEvent, StoredEvent, receive_timestamp_field
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -289,11 +289,15 @@ class EventStore:
 
         retention = self._retention_args()
         argv: list[list[Any]] = []
+        encoded: tuple[int, bytes] = (-1, b"")  # the receive time is usually shared
         for _, indexes in calls:
             args: list[Any] = [*retention, self._notify, len(indexes)]
             for i in indexes:
                 event, receive_ns = items[i]
-                args += [event.event_id, event.digest(), event.payload_without_id(receive_ns)]
+                if encoded[0] != receive_ns:
+                    encoded = (receive_ns, receive_timestamp_field(receive_ns))
+                payload = event.payload_without_id(receive_ns, encoded[1])
+                args += [event.event_id, event.digest(), payload]
             argv.append(args)
 
         replies = await self._run_appends(calls, argv)

@@ -130,6 +130,49 @@ def payload_of(prefix: bytes, entry: bytes, fields: Sequence[bytes]) -> bytes:
     raise Corrupt(f"stream entry {where} has no event field")
 
 
+def _int(n: int) -> bytes:
+    """Varint of an int32/int64/enum field value (negatives as 64-bit two's complement)."""
+    return varint(n) if n >= 0 else _varint(n + (1 << 64))
+
+
+def event_result(
+    index: int,
+    event_id: int,
+    deployment_id: int,
+    outcome: int,
+    *,
+    cursor: str = "",
+    reason: str = "",
+    receive: int = 0,
+) -> bytes:
+    """One CreateEventsResponse.results element (EventResult, as field 1):
+
+        EventResult { int32 index = 1; int32 id = 2; int32 deployment_id = 3;
+                      Outcome outcome = 4; string cursor = 5; string reason = 6;
+                      int64 receive = 7; }
+
+    Hand-encoded because a bulk call builds one per event; proto3 omits zero
+    values. tests/test_wire.py checks it against the protobuf runtime."""
+    parts = []
+    if index:
+        parts.append(b"\x08" + _int(index))
+    if event_id:
+        parts.append(b"\x10" + _int(event_id))
+    if deployment_id:
+        parts.append(b"\x18" + _int(deployment_id))
+    if outcome:
+        parts.append(b"\x20" + _int(outcome))
+    if cursor:
+        text = cursor.encode()
+        parts.append(b"\x2a" + varint(len(text)) + text)
+    if reason:
+        text = reason.encode()
+        parts.append(b"\x32" + varint(len(text)) + text)
+    if receive:
+        parts.append(b"\x38" + _int(receive))
+    return field_1(b"".join(parts))
+
+
 def identity(message: bytes) -> bytes:
     """Serializer for handlers that yield bytes already in wire form."""
     return message
