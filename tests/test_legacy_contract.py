@@ -20,6 +20,8 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
+# The generated stubs are used only to cross-check answers; the legacy client never does.
+from activity_events.pb import activityevents_pb2 as pb
 from tests.support.streams import RPC_TIMEOUT, now_ns
 
 Field = descriptor_pb2.FieldDescriptorProto
@@ -216,3 +218,76 @@ async def test_legacy_conflict_is_a_status_the_old_client_sees(legacy: LegacyCli
         await legacy.create(legacy.event(4, 77, "different", now_ns()))
     assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert "77" in (raised.value.details() or "")
+
+
+#: Values at protobuf varint-length boundaries and other edges of the legacy fields.
+EDGE_IDS = [1, 127, 128, 16383, 16384, 2**21, 2**31 - 1]
+EDGE_SENDS: list[int | None] = [None, 0, 1, 127, 128, 2**35, 1_764_000_000_000_000_000, 2**62]
+EDGE_MESSAGES = ["", "a", "é", "部署 ✅ 🚀", "\x00", "x" * 127, "y" * 128, "z" * 20000]
+
+
+async def test_stored_bytes_are_canonical_for_edge_values(
+    legacy: LegacyClient, server: Any, channel_factory: Callable[..., grpc.aio.Channel]
+) -> None:
+    """Whatever encodes the stored event, the legacy client must get exactly what the
+    protobuf runtime would produce for the same message, for every edge value."""
+    sent: dict[tuple[int, int], Any] = {}
+    keys = [(d, i) for d in (1, 128, 2**31 - 1) for i in EDGE_IDS]
+    cases = [
+        (d, i, EDGE_SENDS[n % len(EDGE_SENDS)], EDGE_MESSAGES[n % len(EDGE_MESSAGES)])
+        for n, (d, i) in enumerate(keys)
+    ]
+    for deployment, event_id, send, message in cases:
+        request = legacy.event(deployment, event_id, message, send)
+        response = legacy.EventResponse.FromString(await legacy.create_raw(request))
+        assert response.success and response.id == event_id
+        sent[(deployment, event_id)] = (send, message, response)
+
+    for deployment in (1, 128, 2**31 - 1):
+        raws = await legacy.list_raw(deployment)
+        assert len(raws) == len(EDGE_IDS)
+        for raw in raws:
+            stored = legacy.EventRequest.FromString(raw)
+            assert unknown_numbers(stored) == set()
+            assert stored.SerializeToString(deterministic=True) == raw
+            send, message, response = sent[(stored.deployment_id, stored.id)]
+            assert stored.message == message
+            assert stored.timestamp.send == (send or 0)
+            assert stored.timestamp.receive > 0
+            # A send of 0 counts as no send time (an empty Timestamp), like a missing one.
+            expected = 0 if not send else (stored.timestamp.receive - send) // 1_000_000
+            assert response.execution_time == expected
+            # The generated stubs read the same bytes the same way.
+            assert pb.EventRequest.FromString(raw).message == message
+
+    # The new RPCs' answers parse with the runtime and carry the same events.
+    stub_channel = channel_factory(server.port)
+    watch = stub_channel.unary_stream(
+        f"/{SERVICE}/WatchEvents",
+        request_serializer=pb.WatchEventsRequest.SerializeToString,
+        response_deserializer=None,
+    )
+    watched = [
+        stored
+        async for raw in watch(pb.WatchEventsRequest(deployment_id=0), timeout=RPC_TIMEOUT)
+        for stored in pb.WatchEventsResponse.FromString(raw).events
+    ]
+    assert {(s.event.deployment_id, s.event.id) for s in watched} == set(sent)
+    for stored in watched:
+        send, message, _ = sent[(stored.event.deployment_id, stored.event.id)]
+        assert (stored.event.message, stored.event.timestamp.send) == (message, send or 0)
+        assert stored.cursor.startswith(f"{stored.event.deployment_id}:")
+
+
+@pytest.mark.parametrize("send", [-1, -(2**63), 2**63 - 1])
+async def test_extreme_send_times_never_fail_internally(legacy: LegacyClient, send: int) -> None:
+    """A client clock far off (or garbage) must not crash the server or answer INTERNAL."""
+    try:
+        response = await legacy.create(legacy.event(3, 1, "odd clock", send))
+    except grpc.aio.AioRpcError as error:
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+        assert "timestamp" in (error.details() or "") or "send" in (error.details() or "")
+        return
+    assert response.success
+    [stored] = await legacy.list(3)
+    assert stored.timestamp.send == send
