@@ -305,3 +305,28 @@ async def test_small_queue_follow_during_writes_never_gaps(app_factory: Any, stu
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         last = follower.events[-1].cursor if follower.events else "none"
         assert f"last cursor {last}" in (error.details() or "")
+
+
+async def test_all_deployments_follower_gets_concurrent_writes_exactly_once(
+    stub: pb_grpc.ActivityEventsStub,
+) -> None:
+    follower = Follower(stub, 0)
+    try:
+        await follower.until_caught_up()
+
+        async def writer(deployment_id: int) -> None:
+            for i in range(1, 61):
+                await create(stub, deployment_id, i)
+
+        await asyncio.wait_for(asyncio.gather(*(writer(d) for d in (1, 2, 3))), 30)
+        await follower.until_count(180, 10)
+        seen = [(s.event.deployment_id, s.event.id) for s in follower.events]
+        assert len(seen) == len(set(seen)) == 180
+        for deployment_id in (1, 2, 3):
+            ids = [i for d, i in seen if d == deployment_id]
+            assert ids == list(range(1, 61)), f"deployment {deployment_id} out of order"
+        with contextlib.suppress(TimeoutError):
+            extra = await follower.read_one(0.3)
+            raise AssertionError(f"unexpected message after the last event: {extra}")
+    finally:
+        follower.cancel()
