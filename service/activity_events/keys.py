@@ -11,8 +11,17 @@ PREFIX = "ae"
 EVENTS = PREFIX + ":{{d:{0}}}:events"
 """Stream of one deployment's events; entry field ``e`` holds the EventRequest bytes."""
 
-IDS = PREFIX + ":{{d:{0}}}:ids"
-"""Hash: event id -> ``"<entry id> <message digest>"`` (the dedup index)."""
+IDS = PREFIX + ":{{d:{0}}}:ids:{1}"
+"""Dedup index bucket ``{1}`` (= event id >> BUCKET_BITS): a hash of event id ->
+``<entry id><6-byte message digest>``. Buckets of at most 128 ids stay in
+Redis' compact listpack encoding (about 25 bytes an event, where one big hash
+would cost about 110)."""
+
+BUCKETS = PREFIX + ":{{d:{0}}}:buckets"
+"""Set of the deployment's dedup bucket numbers, so a delete can name them all."""
+
+BUCKET_BITS = 7
+"""Ids per dedup bucket: 2**7 = 128, Redis' default hash-max-listpack-entries."""
 
 META = PREFIX + ":{{d:{0}}}:meta"
 """Hash: ``maxid`` (largest event id used) and ``trimmed`` (last entry id removed by retention)."""
@@ -36,8 +45,16 @@ def events(deployment_id: int) -> str:
     return EVENTS.format(deployment_id)
 
 
-def ids(deployment_id: int) -> str:
-    return IDS.format(deployment_id)
+def ids(deployment_id: int, bucket: int) -> str:
+    return IDS.format(deployment_id, bucket)
+
+
+def bucket_of(event_id: int) -> int:
+    return event_id >> BUCKET_BITS
+
+
+def buckets(deployment_id: int) -> str:
+    return BUCKETS.format(deployment_id)
 
 
 def meta(deployment_id: int) -> str:
@@ -45,8 +62,9 @@ def meta(deployment_id: int) -> str:
 
 
 def deployment_keys(deployment_id: int) -> list[str]:
-    """The keys the append and delete scripts take, in their KEYS order."""
-    return [events(deployment_id), ids(deployment_id), meta(deployment_id)]
+    """The fixed keys the append and delete scripts take first, in their KEYS
+    order; the dedup buckets they touch follow."""
+    return [events(deployment_id), meta(deployment_id), buckets(deployment_id)]
 
 
 def deployment_of(events_key: str | bytes) -> int:

@@ -42,6 +42,16 @@ T = TypeVar("T")
 SCRIPT_CHUNK = 200
 """Most events one append script call handles, so no single call blocks Redis for long."""
 
+APPEND_ROUNDS = 8
+"""Most times an append call is re-sent because concurrent writers assigned ids
+in a dedup bucket it did not name (see _script_call)."""
+
+NEED_BUCKET = 4
+"""append.lua's answer for an event whose dedup bucket was not among its KEYS."""
+
+DELETE_RACED = -2
+"""delete.lua's answer when the bucket set changed since the caller read it."""
+
 COALESCE_MAX = 512
 """Most concurrent unary creates sent to Redis in one round trip."""
 
@@ -154,6 +164,8 @@ class EventStore:
         self._flushes: set[asyncio.Task[None]] = set()
         self._abandoned: set[asyncio.Future[Any]] = set()
         """Redis work given up on at its timeout, still unwinding (see bounded)."""
+        self._max_ids: dict[int, int] = {}
+        """Largest event id seen per deployment: where id-0 assignment is expected next."""
         self._indexed: set[int] = set()
         """Deployments this process has put into the index (saves a ZADD per create)."""
         self.on_failure: Callable[[], None] | None = None
@@ -282,49 +294,91 @@ class EventStore:
         groups: dict[int, list[int]] = {}
         for index, (event, _) in enumerate(items):
             groups.setdefault(event.deployment_id, []).append(index)
-        calls: list[tuple[int, list[int]]] = []
-        for deployment_id, indexes in groups.items():
-            for start in range(0, len(indexes), SCRIPT_CHUNK):
-                calls.append((deployment_id, indexes[start : start + SCRIPT_CHUNK]))
-
-        retention = self._retention_args()
-        argv: list[list[Any]] = []
+        # Each event's script arguments, built once even if its call is re-sent.
+        prepared: list[tuple[int, bytes, bytes]] = []
         encoded: tuple[int, bytes] = (-1, b"")  # the receive time is usually shared
-        for _, indexes in calls:
-            args: list[Any] = [*retention, self._notify, len(indexes)]
-            for i in indexes:
-                event, receive_ns = items[i]
-                if encoded[0] != receive_ns:
-                    encoded = (receive_ns, receive_timestamp_field(receive_ns))
-                payload = event.payload_without_id(receive_ns, encoded[1])
-                args += [event.event_id, event.digest(), payload]
-            argv.append(args)
+        for event, receive_ns in items:
+            if encoded[0] != receive_ns:
+                encoded = (receive_ns, receive_timestamp_field(receive_ns))
+            payload = event.payload_without_id(receive_ns, encoded[1])
+            prepared.append((event.event_id, event.digest(), payload))
 
-        replies = await self._run_appends(calls, argv)
-
+        calls: list[tuple[int, list[int]]] = [
+            (deployment_id, indexes[start : start + SCRIPT_CHUNK])
+            for deployment_id, indexes in groups.items()
+            for start in range(0, len(indexes), SCRIPT_CHUNK)
+        ]
         results: list[AppendResult | None] = [None] * len(items)
-        fresh: list[int] = []
-        for (deployment_id, indexes), reply in zip(calls, replies, strict=True):
-            if reply[-1] == 1:
-                fresh.append(deployment_id)
-            for n, i in enumerate(indexes):
-                code, event_id, entry = reply[3 * n : 3 * n + 3]
-                outcome = _CODES[int(code)]
-                cursor = Cursor.from_entry(deployment_id, entry) if entry else None
-                results[i] = AppendResult(outcome, int(event_id) if event_id else 0, cursor)
+        fresh: set[int] = set()
+        for _ in range(APPEND_ROUNDS):
+            replies = await self._run_appends(
+                [self._script_call(d, idx, prepared) for d, idx in calls]
+            )
+            again: list[tuple[int, list[int]]] = []
+            for (deployment_id, indexes), reply in zip(calls, replies, strict=True):
+                if reply[-1] == 1:
+                    fresh.add(deployment_id)
+                for n in range((len(reply) - 1) // 3):
+                    code, event_id, entry = reply[3 * n : 3 * n + 3]
+                    if int(code) == NEED_BUCKET:
+                        # Another writer moved the deployment's ids on since the
+                        # guess: send this event and the rest again from there.
+                        self._note_id(deployment_id, int(event_id) - 1)
+                        again.append((deployment_id, indexes[n:]))
+                        break
+                    if event_id:
+                        self._note_id(deployment_id, int(event_id))
+                    cursor = Cursor.from_entry(deployment_id, entry) if entry else None
+                    results[indexes[n]] = AppendResult(
+                        _CODES[int(code)], int(event_id) if event_id else 0, cursor
+                    )
+            if not again:
+                break
+            calls = again
+        else:
+            raise StoreUnavailable("concurrent writers kept assigning ids; retry")
         self._indexed.update(groups)
         if fresh:
-            await self._announce(fresh)
+            await self._announce(sorted(fresh))
         return [r for r in results if r is not None]
+
+    def _note_id(self, deployment_id: int, event_id: int) -> None:
+        if event_id > self._max_ids.get(deployment_id, 0):
+            self._max_ids[deployment_id] = event_id
+
+    def _script_call(
+        self, deployment_id: int, indexes: list[int], prepared: list[tuple[int, bytes, bytes]]
+    ) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of one append.lua call. Besides the explicit ids' dedup
+        buckets it passes those the ids it expects to assign for id 0 fall into
+        (from the largest id this process has seen in the deployment); a wrong
+        guess is answered with NEED_BUCKET and costs one more round trip."""
+        events = [prepared[i] for i in indexes]
+        wanted = {keys.bucket_of(event_id) for event_id, _, _ in events if event_id}
+        assign = sum(1 for event_id, _, _ in events if not event_id)
+        if assign:
+            first = self._max_ids.get(deployment_id, 0) + 1
+            wanted.update(range(keys.bucket_of(first), keys.bucket_of(first + assign - 1) + 1))
+        buckets = sorted(wanted)
+        args: list[Any] = [
+            *self._retention_args(),
+            self._notify,
+            len(buckets),
+            *buckets,
+            len(events),
+        ]
+        for event in events:
+            args += event
+        return keys.deployment_keys(deployment_id) + [
+            keys.ids(deployment_id, b) for b in buckets
+        ], args
 
     def _retention_args(self) -> list[int]:
         max_age = self._settings.retention_max_age_seconds
         min_ms = int((time.time() - max_age) * 1000) if max_age > 0 else 0
         return [self._settings.retention_max_len, min_ms]
 
-    async def _run_appends(
-        self, calls: list[tuple[int, list[int]]], argv: list[list[Any]]
-    ) -> list[Any]:
+    async def _run_appends(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         """EVALSHA every call in one pipeline (index ZADDs first), reloading the
         script and re-running only the calls that met NOSCRIPT."""
         replies: list[Any] = [None] * len(calls)
@@ -334,13 +388,13 @@ class EventStore:
             # Index deployments this process has not written yet. Fresh ones
             # (first event, or first after a delete) are indexed again by
             # _announce, so a stale entry here never loses a deployment.
-            unindexed = {calls[i][0] for i in pending} - self._indexed
+            deployments = {keys.deployment_of(calls[i][0][0]) for i in pending}
+            unindexed = deployments - self._indexed
             if unindexed:
                 pipe.zadd(keys.DEPLOYMENTS, {str(d): d for d in unindexed})
             for i in pending:
-                pipe.execute_command(
-                    "EVALSHA", self._append.sha, 3, *keys.deployment_keys(calls[i][0]), *argv[i]
-                )
+                keys_, args = calls[i]
+                pipe.execute_command("EVALSHA", self._append.sha, len(keys_), *keys_, *args)
             if self._wait_replicas:
                 # Same connection as the writes: WAIT counts replicas that have them.
                 pipe.execute_command(
@@ -388,8 +442,21 @@ class EventStore:
 
         async def work() -> int:
             self._indexed.discard(deployment_id)
+            self._max_ids.pop(deployment_id, None)
             await self._redis.zrem(keys.DEPLOYMENTS, str(deployment_id))
-            return int(await self._delete(self._redis, keys.deployment_keys(deployment_id), []))
+            for _ in range(APPEND_ROUNDS):
+                # delete.lua must name every dedup bucket: read the set, and try
+                # again if a concurrent create added a bucket in between.
+                members: Any = await self._redis.smembers(keys.buckets(deployment_id))
+                buckets = [keys.ids(deployment_id, int(b)) for b in members]
+                removed = int(
+                    await self._delete(
+                        self._redis, keys.deployment_keys(deployment_id) + buckets, []
+                    )
+                )
+                if removed != DELETE_RACED:
+                    return removed
+            raise StoreUnavailable("concurrent creates kept adding to the deployment; retry")
 
         removed = await self.bounded(work())
         if removed < 0:

@@ -32,13 +32,17 @@ logger = logging.getLogger(__name__)
 
 Result = dict[str, Any]
 
-# The keys of one deployment, named by the server's key module: the stream,
-# the dedup index and the metadata hash.
-KEY_BUILDERS: dict[str, Callable[[int], str]] = {
-    "events": keys.events,
-    "ids": keys.ids,
-    "meta": keys.meta,
-}
+
+async def deployment_keys(client: aioredis.Redis, deployment: int) -> dict[str, list[str]]:
+    """The keys of one deployment, named by the server's key module, by part:
+    the stream, the dedup index (its buckets and their set) and the metadata."""
+    members = await client.smembers(keys.buckets(deployment))
+    return {
+        "events": [keys.events(deployment)],
+        "ids": [keys.buckets(deployment)] + [keys.ids(deployment, int(b)) for b in members],
+        "meta": [keys.meta(deployment)],
+    }
+
 
 # Preloading history retries transient failures (creates are idempotent).
 _FILL_RETRIES = 3
@@ -376,16 +380,16 @@ async def run_memory(ctx: Context) -> Result:
         stored = await fill(ctx, measured=True)
         events = o.count * o.deployments
         used_after = int((await client.info("memory"))["used_memory"])
-        per_key: dict[str, int] = dict.fromkeys(KEY_BUILDERS, 0)
+        per_key: dict[str, int] = {"events": 0, "ids": 0, "meta": 0}
         encodings: dict[str, str] = {}
         for deployment in o.deployment_ids:
-            for suffix, key_of in KEY_BUILDERS.items():
-                key = key_of(deployment)
-                usage = await client.memory_usage(key, samples=0)
-                per_key[suffix] += int(usage or 0)
-                encoding = await client.object("encoding", key)
+            for part, names in (await deployment_keys(client, deployment)).items():
+                for key in names:
+                    usage = await client.memory_usage(key, samples=0)
+                    per_key[part] += int(usage or 0)
+                encoding = await client.object("encoding", names[-1])
                 if encoding is not None:
-                    encodings[suffix] = (
+                    encodings[part] = (
                         encoding.decode() if isinstance(encoding, bytes) else str(encoding)
                     )
     finally:
