@@ -120,3 +120,29 @@ async def test_an_entry_written_by_something_else_is_data_loss_not_a_crash(
     assert info.value.code() == grpc.StatusCode.DATA_LOSS
     # the server goes on serving
     assert (await create(stub, 3, 2, "still fine")).success
+
+
+async def test_dedup_buckets_follow_ids_assigned_elsewhere(
+    app_factory: Any, stub_for: Any, redis_client: redis_asyncio.Redis
+) -> None:
+    """A replica that has not seen a deployment guesses the wrong dedup bucket
+    for id 0; the script answers NEED_BUCKET and the store re-sends, so the
+    id is still max + 1 and dedup still works across buckets."""
+    first, second = await app_factory(), await app_factory()
+    a, b = stub_for(first), stub_for(second)
+    batch = [event(4, 0, f"auto {n}") for n in range(300)]
+    await a.CreateEvents(pb.CreateEventsRequest(events=batch), timeout=10)  # ids 1..300
+    reply = await create(b, 4, 0, "from the other replica")  # b guesses bucket 0
+    assert reply.id == 301 and not reply.duplicate
+    again = await create(b, 4, 301, "from the other replica")
+    assert again.duplicate and again.cursor == reply.cursor
+    conflict = await b.CreateEvents(pb.CreateEventsRequest(events=[event(4, 130, "other")]))
+    assert conflict.results[0].outcome == pb.OUTCOME_CONFLICT
+    members = {int(m) for m in await redis_client.smembers(keys.buckets(4))}
+    assert members == {0, 1, 2}
+    assert await redis_client.object("encoding", keys.ids(4, 1)) == b"listpack"
+
+    deleted = await b.DeleteDeployment(pb.DeleteDeploymentRequest(deployment_id=4), timeout=10)
+    assert deleted.deleted_events == 301
+    assert await redis_client.keys("ae:{d:4}:*") == []
+    assert (await create(a, 4, 0, "anew")).id == 1  # a's stale hint is harmless too

@@ -311,8 +311,9 @@ class EventStore:
         results: list[AppendResult | None] = [None] * len(items)
         fresh: set[int] = set()
         for _ in range(APPEND_ROUNDS):
+            expect = dict(self._max_ids)  # advanced by each call's id-0 events, in order
             replies = await self._run_appends(
-                [self._script_call(d, idx, prepared) for d, idx in calls]
+                [self._script_call(d, idx, prepared, expect) for d, idx in calls]
             )
             again: list[tuple[int, list[int]]] = []
             for (deployment_id, indexes), reply in zip(calls, replies, strict=True):
@@ -321,9 +322,10 @@ class EventStore:
                 for n in range((len(reply) - 1) // 3):
                     code, event_id, entry = reply[3 * n : 3 * n + 3]
                     if int(code) == NEED_BUCKET:
-                        # Another writer moved the deployment's ids on since the
-                        # guess: send this event and the rest again from there.
-                        self._note_id(deployment_id, int(event_id) - 1)
+                        # The guess was off (another writer moved the ids on, or
+                        # the deployment was deleted and began again): send this
+                        # event and the rest again from the id the script needs.
+                        self._max_ids[deployment_id] = int(event_id) - 1
                         again.append((deployment_id, indexes[n:]))
                         break
                     if event_id:
@@ -347,7 +349,11 @@ class EventStore:
             self._max_ids[deployment_id] = event_id
 
     def _script_call(
-        self, deployment_id: int, indexes: list[int], prepared: list[tuple[int, bytes, bytes]]
+        self,
+        deployment_id: int,
+        indexes: list[int],
+        prepared: list[tuple[int, bytes, bytes]],
+        expect: dict[int, int],
     ) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of one append.lua call. Besides the explicit ids' dedup
         buckets it passes those the ids it expects to assign for id 0 fall into
@@ -357,7 +363,8 @@ class EventStore:
         wanted = {keys.bucket_of(event_id) for event_id, _, _ in events if event_id}
         assign = sum(1 for event_id, _, _ in events if not event_id)
         if assign:
-            first = self._max_ids.get(deployment_id, 0) + 1
+            first = expect.get(deployment_id, 0) + 1
+            expect[deployment_id] = first + assign - 1
             wanted.update(range(keys.bucket_of(first), keys.bucket_of(first + assign - 1) + 1))
         buckets = sorted(wanted)
         args: list[Any] = [
