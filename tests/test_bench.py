@@ -70,11 +70,13 @@ async def test_every_scenario_reports_its_fields(server: Any, redis_server: Any)
         "--batch", "100", "--fill-batch", "100", "--deployments", "3",
         "--followers", "12", "--rate", "60", "--duration", "1", "--drain-timeout", "5",
         "--timeout", "10",
-        "create", "ingest", "list", "replay", "follow", "memory",
+        "create", "ingest", "list", "replay", "follow", "memory", "subscribe",
     )  # fmt: skip
     assert code == 0, stderr
     results = by_scenario(lines)
-    assert list(results) == ["create", "ingest", "list", "replay", "follow", "memory"]
+    assert list(results) == [
+        "create", "ingest", "list", "replay", "follow", "memory", "subscribe",
+    ]  # fmt: skip
     for result in lines:
         assert "error" not in result, result
         for name in COMMON_FIELDS:
@@ -126,6 +128,11 @@ async def test_every_scenario_reports_its_fields(server: Any, redis_server: Any)
         memory["bytes_per_event"] / memory["protobuf_bytes_per_event"], rel=0.02
     )
     assert memory["events_bytes"] > 0 and memory["ids_bytes"] > 0
+
+    subscribe = results["subscribe"]
+    assert subscribe["events"] == 300 and subscribe["consumers"] == 4
+    assert subscribe["duplicates"] == 0
+    assert subscribe["events_per_s"] == subscribe["acked_events_per_s"] > 0
 
 
 def _pid_exists(pid: int) -> bool:

@@ -33,6 +33,7 @@ from activity_events.bench.scenarios import (
 )
 from activity_events.bench.spawn import Spawned, SpawnError, spawn_stack
 from activity_events.bench.stats import process_rss_mb
+from activity_events.bench_subscribe import run_subscribe
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ SCENARIO_RUNNERS: dict[str, Callable[[Context], Awaitable[Result]]] = {
     "replay": run_replay,
     "follow": run_follow,
     "memory": run_memory,
+    "subscribe": run_subscribe,
 }
 
 

@@ -12,7 +12,9 @@ import random
 from dataclasses import dataclass, replace
 from typing import Any
 
-SCENARIOS = ("create", "ingest", "list", "replay", "follow", "memory")
+from activity_events.bench_subscribe import SCENARIO_DEFAULTS as SUBSCRIBE_DEFAULTS
+
+SCENARIOS = ("create", "ingest", "list", "replay", "follow", "memory", "subscribe")
 
 # Deployment ids are int32; scenarios draw a random base in this range so that
 # concurrent or repeated runs (and other users of a shared server) never share
@@ -42,6 +44,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "processes": 2,
     },
     "memory": {"count": 100_000, "concurrency": 4, "connections": 2, "deployments": 1},
+    # durable subscriptions: `concurrency` consumers acknowledging (bench_subscribe.py)
+    "subscribe": dict(SUBSCRIBE_DEFAULTS),
 }
 
 COMMON_DEFAULTS: dict[str, Any] = {
