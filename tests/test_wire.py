@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from activity_events import wire
+from activity_events import events, wire
 from activity_events.events import Cursor, StoredEvent
 from activity_events.pb import activityevents_pb2 as pb
 
@@ -61,7 +61,7 @@ def test_watch_responses_split_by_size_and_keep_order() -> None:
 
 @pytest.mark.parametrize("n", [0, 1, 127, 128, 16383, 16384, 2**21 + 5])
 def test_varint_table_and_fallback_agree(n: int) -> None:
-    assert wire.varint(n) == wire._varint(n)
+    assert wire.varint(n) == events.varint(n)
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ DIGEST_BYTES = 6
 _CURSOR = re.compile(r"^(?:(\d{1,10}):)?(\d{1,20})-(\d{1,20})$")
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
     """Protobuf varint of a non-negative int64, or of a negative one as its
     64-bit two's complement (how int64 fields encode negative values)."""
     if n < 0:
@@ -40,7 +40,7 @@ def _varint(n: int) -> bytes:
 
 def receive_timestamp_field(receive_ns: int) -> bytes:
     """Timestamp.receive (field 2) as encoded inside the stored payload."""
-    return b"\x10" + _varint(receive_ns) if receive_ns else b""
+    return b"\x10" + varint(receive_ns) if receive_ns else b""
 
 
 @total_ordering
@@ -143,12 +143,12 @@ class NewEvent:
         message = self.message.encode()
         if receive_field is None:  # callers encoding a batch pass it, computed once
             receive_field = receive_timestamp_field(receive_ns)
-        timestamp = (b"\x08" + _varint(self.send_ns) if self.send_ns else b"") + receive_field
+        timestamp = (b"\x08" + varint(self.send_ns) if self.send_ns else b"") + receive_field
         return b"".join(
             (
-                b"\x12" + _varint(len(message)) + message if message else b"",
-                b"\x1a" + _varint(len(timestamp)) + timestamp,
-                b"\x20" + _varint(self.deployment_id),
+                b"\x12" + varint(len(message)) + message if message else b"",
+                b"\x1a" + varint(len(timestamp)) + timestamp,
+                b"\x20" + varint(self.deployment_id),
             )
         )
 

@@ -82,10 +82,6 @@ def _load(name: str) -> str:
     return scripts.joinpath("lib.lua").read_text() + "\n" + scripts.joinpath(name).read_text()
 
 
-Row = tuple[bytes, dict[bytes, bytes]]
-"""A stream entry as redis-py returns it: (entry id, fields)."""
-
-
 class LuaScript:
     """A Lua script run by SHA, loaded again transparently after NOSCRIPT
     (Redis restart, failover, SCRIPT FLUSH)."""
@@ -472,18 +468,6 @@ class EventStore:
 
     # -- reads -----------------------------------------------------------------
 
-    async def read_rows(
-        self, deployment_id: int, after: Cursor | None, count: int, *, inclusive: bool = False
-    ) -> list[Row]:
-        """Up to ``count`` raw stream entries of one deployment after ``after``
-        (from the start if None): the replay path turns them into wire bytes
-        without building an object per event."""
-        start = "-" if after is None else after.entry_id if inclusive else "(" + after.entry_id
-        rows: Any = await self.bounded(
-            self._redis.xrange(keys.events(deployment_id), start, "+", count=count)
-        )
-        return list(rows)
-
     async def read_before(
         self, deployment_id: int, before: Cursor | None, count: int
     ) -> list[StoredEvent]:
@@ -499,7 +483,10 @@ class EventStore:
         self, deployment_id: int, after: Cursor | None, count: int, *, inclusive: bool = False
     ) -> list[StoredEvent]:
         """Up to ``count`` events of one deployment after ``after`` (from the start if None)."""
-        rows = await self.read_rows(deployment_id, after, count, inclusive=inclusive)
+        start = "-" if after is None else after.entry_id if inclusive else "(" + after.entry_id
+        rows: Any = await self.bounded(
+            self._redis.xrange(keys.events(deployment_id), start, "+", count=count)
+        )
         return [_stored(deployment_id, entry, fields) for entry, fields in rows]
 
     @property

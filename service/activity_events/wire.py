@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from .errors import Corrupt
 from .events import StoredEvent
+from .events import varint as encode_varint
 from .keys import EVENT_FIELD
 
 _TAG_1_LEN = b"\x0a"  # field 1, wire type 2 (length-delimited)
@@ -23,21 +24,14 @@ _TAG_2_LEN = b"\x12"  # field 2, wire type 2
 CAUGHT_UP = b"\x10\x01"  # WatchEventsResponse{caught_up: true}
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-_SMALL = [_varint(n) for n in range(1 << 14)]
+_SMALL = [encode_varint(n) for n in range(1 << 14)]
 """Varints of every length below 16 KiB, precomputed: the replay path needs two per event."""
 
 
 def varint(n: int) -> bytes:
-    return _SMALL[n] if n < 16384 else _varint(n)
+    """:func:`events.varint` (negatives as 64-bit two's complement), from the
+    table for the small lengths and values of the hot paths."""
+    return _SMALL[n] if 0 <= n < 16384 else encode_varint(n)
 
 
 def stored_event(event: StoredEvent) -> bytes:
@@ -130,11 +124,6 @@ def payload_of(prefix: bytes, entry: bytes, fields: Sequence[bytes]) -> bytes:
     raise Corrupt(f"stream entry {where} has no event field")
 
 
-def _int(n: int) -> bytes:
-    """Varint of an int32/int64/enum field value (negatives as 64-bit two's complement)."""
-    return varint(n) if n >= 0 else _varint(n + (1 << 64))
-
-
 def event_result(
     index: int,
     event_id: int,
@@ -155,13 +144,13 @@ def event_result(
     values. tests/test_wire.py checks it against the protobuf runtime."""
     parts = []
     if index:
-        parts.append(b"\x08" + _int(index))
+        parts.append(b"\x08" + varint(index))
     if event_id:
-        parts.append(b"\x10" + _int(event_id))
+        parts.append(b"\x10" + varint(event_id))
     if deployment_id:
-        parts.append(b"\x18" + _int(deployment_id))
+        parts.append(b"\x18" + varint(deployment_id))
     if outcome:
-        parts.append(b"\x20" + _int(outcome))
+        parts.append(b"\x20" + varint(outcome))
     if cursor:
         text = cursor.encode()
         parts.append(b"\x2a" + varint(len(text)) + text)
@@ -169,7 +158,7 @@ def event_result(
         text = reason.encode()
         parts.append(b"\x32" + varint(len(text)) + text)
     if receive:
-        parts.append(b"\x38" + _int(receive))
+        parts.append(b"\x38" + varint(receive))
     return field_1(b"".join(parts))
 
 
