@@ -94,6 +94,7 @@ async def test_failover_loses_no_acknowledged_event(
         await asyncio.to_thread(sentinel_set.wait_failover)
         if wait_replicas:
             await asyncio.to_thread(sentinel_set.primary.start)
+            await asyncio.to_thread(sentinel_set.wait_rejoined)
         # keep writing on the promoted replica for a while
         deadline = time.monotonic() + 20
         after_failover = sum(len(a) for a in acknowledged.values())

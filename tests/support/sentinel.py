@@ -99,6 +99,21 @@ class SentinelSet:
             lambda: self.master_port() == self.replica.port, "failover to the replica", timeout
         )
 
+    def wait_rejoined(self, timeout: float = 60.0) -> None:
+        """The restarted old primary has been turned into a replica of the promoted
+        one and is in sync. Sentinel converts it only after it has reported itself
+        as a master for a while (its INFO period is 10 s), so this takes 8-20 s."""
+
+        def rejoined() -> bool:
+            info = redis.Redis(port=self.primary.port, socket_timeout=2).info("replication")
+            return (
+                info.get("role") == "slave"
+                and info.get("master_port") == self.replica.port
+                and info.get("master_link_status") == "up"
+            )
+
+        self._wait(rejoined, "old primary rejoined as a replica", timeout)
+
     def stop(self) -> None:
         if self._sentinel is not None and self._sentinel.poll() is None:
             self._sentinel.send_signal(signal.SIGTERM)
