@@ -146,3 +146,41 @@ async def test_dedup_buckets_follow_ids_assigned_elsewhere(
     assert deleted.deleted_events == 301
     assert await redis_client.keys("ae:{d:4}:*") == []
     assert (await create(a, 4, 0, "anew")).id == 1  # a's stale hint is harmless too
+
+
+async def test_dedup_index_is_compact_and_answers_the_stored_cursor(
+    server: Any, stub: Any, redis_client: redis_asyncio.Redis
+) -> None:
+    """The dedup index holds a 6-byte digest and the entry id relative to the
+    deployment's first entry; a duplicate of any event, stored in a burst (same
+    millisecond, rising sequence) or after a pause, answers its exact cursor."""
+    originals: dict[int, str] = {}
+    for burst in range(3):
+        batch = await stub.CreateEvents(
+            pb.CreateEventsRequest(events=[event(7, 200 * burst + i + 1) for i in range(150)]),
+            timeout=10,
+        )
+        for result in batch.results:
+            assert result.outcome == pb.OUTCOME_CREATED
+            originals[result.id] = result.cursor
+        await asyncio.sleep(0.05)
+    later = await create(stub, 7, 5000, "after a pause")
+    originals[5000] = later.cursor
+    assert len({Cursor.parse(c, deployment_id=7).seq for c in originals.values()}) > 1
+
+    again = await stub.CreateEvents(
+        pb.CreateEventsRequest(events=[event(7, i) for i in sorted(originals) if i != 5000]),
+        timeout=10,
+    )
+    assert {r.outcome for r in again.results} == {pb.OUTCOME_DUPLICATE}
+    assert {r.id: r.cursor for r in again.results} == {
+        i: c for i, c in originals.items() if i != 5000
+    }
+    duplicate = await create(stub, 7, 5000, "after a pause")
+    assert duplicate.duplicate and duplicate.cursor == originals[5000]
+
+    for bucket in {keys.bucket_of(i) for i in originals}:
+        key = keys.ids(7, bucket)
+        assert await redis_client.object("encoding", key) == b"listpack"
+        values = await redis_client.hvals(key)  # type: ignore[misc]
+        assert values and max(len(v) for v in values) <= 6 + 6 + 3, key

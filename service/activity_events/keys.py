@@ -12,10 +12,11 @@ EVENTS = PREFIX + ":{{d:{0}}}:events"
 """Stream of one deployment's events; entry field ``e`` holds the EventRequest bytes."""
 
 IDS = PREFIX + ":{{d:{0}}}:ids:{1}"
-"""Dedup index bucket ``{1}`` (= event id >> BUCKET_BITS): a hash of event id ->
-``<entry id><6-byte message digest>``. Buckets of at most 128 ids stay in
-Redis' compact listpack encoding (about 25 bytes an event, where one big hash
-would cost about 110)."""
+"""Dedup index bucket ``{1}`` (= event id >> BUCKET_BITS): a hash of the id's low
+7 bits -> ``<6-byte message digest><varint entry time><varint entry seq>``, the
+time relative to the deployment's first entry (append.lua has the details).
+Buckets of at most 128 ids stay in Redis' compact listpack encoding: about 13
+bytes an event, where one big hash of full ids and entry ids costs about 110."""
 
 BUCKETS = PREFIX + ":{{d:{0}}}:buckets"
 """Set of the deployment's dedup bucket numbers, so a delete can name them all."""
@@ -24,7 +25,8 @@ BUCKET_BITS = 7
 """Ids per dedup bucket: 2**7 = 128, Redis' default hash-max-listpack-entries."""
 
 META = PREFIX + ":{{d:{0}}}:meta"
-"""Hash: ``maxid`` (largest event id used) and ``trimmed`` (last entry id removed by retention)."""
+"""Hash: ``maxid`` (largest event id used), ``trimmed`` (last entry id removed by
+retention) and ``epoch`` (ms of the first entry id, the dedup index's time base)."""
 
 DEPLOYMENTS = PREFIX + ":deployments"
 """Sorted set of known deployment ids (score = id), for "all deployments" listings."""

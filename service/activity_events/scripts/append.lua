@@ -1,10 +1,14 @@
 -- Deduplicate and append events of ONE deployment, atomically.
 --
 -- KEYS[1]  ae:{d:N}:events   stream; entry field "e" = EventRequest bytes
--- KEYS[2]  ae:{d:N}:meta     hash: maxid (largest id used), trimmed (last entry id removed)
+-- KEYS[2]  ae:{d:N}:meta     hash: maxid (largest id used), trimmed (last entry id
+--          removed), epoch (ms of the deployment's first entry id)
 -- KEYS[3]  ae:{d:N}:buckets  set of the dedup bucket numbers in use
--- KEYS[4..3+nb]  ae:{d:N}:ids:<b>  the dedup buckets this call may touch:
---          hash event id -> <entry id><6-byte digest>, b = id >> 7
+-- KEYS[4..3+nb]  ae:{d:N}:ids:<b>  the dedup buckets this call may touch, b = id >> 7:
+--          hash (id & 127) -> <6-byte digest><varint t><varint seq>, where the
+--          stored entry id is <epoch + t/2>-<seq> for even t (always, as stream ids
+--          only grow) and <(t-1)/2>-<seq> for odd t. Small integer fields and
+--          ~9-byte values keep a bucket a listpack of ~13 bytes an event.
 --
 -- ARGV[1]  retention max length; "0" = off
 -- ARGV[2]  retention: drop entries older than this Unix ms; "0" = off
@@ -27,7 +31,7 @@
 
 local INT32_MAX = 2147483647
 
--- varint() comes from lib.lua.
+-- varint() and unvarint() come from lib.lua.
 
 local maxlen = tonumber(ARGV[1])
 local min_ms = tonumber(ARGV[2])
@@ -40,8 +44,31 @@ end
 local n = tonumber(ARGV[5 + nb])
 local used = {}
 
-local maxid = tonumber(redis.call('HGET', KEYS[2], 'maxid') or '0')
+local meta = redis.call('HMGET', KEYS[2], 'maxid', 'epoch')
+local maxid = tonumber(meta[1] or '0')
+local epoch = tonumber(meta[2] or '-1')
+local new_epoch = false
 local fresh = redis.call('EXISTS', KEYS[2]) == 0
+
+-- The dedup value of a stream entry id, and back.
+local function pack(entry, digest)
+  local sep = string.find(entry, '-', 1, true)
+  local ms = tonumber(string.sub(entry, 1, sep - 1))
+  local seq = tonumber(string.sub(entry, sep + 1))
+  if epoch < 0 then
+    epoch = ms
+    new_epoch = true
+  end
+  local t = (ms >= epoch) and (ms - epoch) * 2 or ms * 2 + 1
+  return digest .. varint(t) .. varint(seq)
+end
+
+local function unpack_entry(value)
+  local t, pos = unvarint(value, 7)
+  local seq = unvarint(value, pos)
+  local ms = (t % 2 == 0) and (epoch + t / 2) or (t - 1) / 2
+  return string.format('%d-%d', ms, seq)
+end
 local result = {}
 local created = 0
 
@@ -68,13 +95,14 @@ for i = 0, n - 1 do
       result[#result + 1] = ''
       break
     end
-    local known = redis.call('HGET', key, id)
+    local slot = id % 128
+    local known = redis.call('HGET', key, slot)
     if known then
-      entry = string.sub(known, 1, -7)
-      if string.sub(known, -6) == digest then code = 1 else code = 2 end
+      entry = unpack_entry(known)
+      if string.sub(known, 1, 6) == digest then code = 1 else code = 2 end
     else
       entry = redis.call('XADD', KEYS[1], '*', 'e', '\8' .. varint(id) .. payload)
-      redis.call('HSET', key, id, entry .. digest)
+      redis.call('HSET', key, slot, pack(entry, digest))
       if not used[bucket] then
         used[bucket] = true
         redis.call('SADD', KEYS[3], bucket)
@@ -91,7 +119,11 @@ for i = 0, n - 1 do
 end
 
 if created > 0 then
-  redis.call('HSET', KEYS[2], 'maxid', maxid)
+  if new_epoch then
+    redis.call('HSET', KEYS[2], 'maxid', maxid, 'epoch', epoch)
+  else
+    redis.call('HSET', KEYS[2], 'maxid', maxid)
+  end
   -- Retention. The last removed entry id is kept in meta.trimmed, so a reader
   -- resuming from an older cursor gets a clear error instead of a silent gap.
   if maxlen > 0 then

@@ -11,3 +11,15 @@ local function varint(n)
   out[#out + 1] = string.char(n)
   return table.concat(out)
 end
+
+-- Decode the varint at position pos of s; returns the value and the position after it.
+local function unvarint(s, pos)
+  local n, scale = 0, 1
+  while true do
+    local b = string.byte(s, pos)
+    pos = pos + 1
+    if b < 128 then return n + b * scale, pos end
+    n = n + (b - 128) * scale
+    scale = scale * 128
+  end
+end
