@@ -276,3 +276,19 @@ def test_progress_line_shows_rate_and_fraction() -> None:
     progress.begin("create", 200)
     progress.advance(50)
     assert "25.0%" in progress.line() and "50/200" in progress.line()
+
+
+async def test_spawned_redis_has_the_recommended_settings_unless_overridden() -> None:
+    """memory reports the stream node size it measured with: the recommended
+    16 KB by default, Redis' own 4 KB when asked for (README "Redis settings")."""
+    for extra, expected in (([], 16384), (["--redis-config", "stream-node-max-bytes=4096"], 4096)):
+        code, lines, stderr = await run_bench(
+            "--spawn", "--count", "300", "--concurrency", "2", "--connections", "1",
+            *extra, "memory",
+        )  # fmt: skip
+        assert code == 0, stderr
+        [result] = lines
+        assert result["stream_node_max_bytes"] == expected
+        assert result["stream_node_max_entries"] == 1000
+    code, _, stderr = await run_bench("--spawn", "--redis-config", "oops", "memory")
+    assert code != 0 and "--redis-config expects NAME=VALUE" in stderr

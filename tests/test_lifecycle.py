@@ -399,6 +399,8 @@ async def test_embedded_redis_serves_and_persists(
         assert first.pid is not None
         children = psutil.Process(first.pid).children(recursive=True)
         assert children, "the embedded redis-server should be a child process"
+        command = " ".join(children[0].cmdline())
+        assert "--stream-node-max-bytes 16384" in command, command  # the recommended settings
         async with _aio_channel(first.port) as channel:
             stub = pb_grpc.ActivityEventsStub(channel)
             created = await create(stub, 6, 1, "kept by the embedded redis")

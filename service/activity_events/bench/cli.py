@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra environment for the spawned server (repeatable)",
     )  # fmt: skip
     where.add_argument(
+        "--redis-config", action="append", default=[], metavar="NAME=VALUE",
+        help="setting for the spawned redis-server over the recommended ones, e.g. "
+        "stream-node-max-bytes=4096 for Redis' default (repeatable)",
+    )  # fmt: skip
+    where.add_argument(
         "--redis-url", help="the server's Redis (memory; Redis connections in follow)"
     )
     knobs = parser.add_argument_group("knobs (defaults depend on the scenario)")
@@ -136,14 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _server_env(pairs: list[str]) -> dict[str, str]:
-    env = {}
+def _pairs(pairs: list[str], flag: str) -> dict[str, str]:
+    found = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--server-env expects KEY=VALUE, got {pair!r}")
-        env[key] = value
-    return env
+            raise SystemExit(f"{flag} expects NAME=VALUE, got {pair!r}")
+        found[key] = value
+    return found
 
 
 async def _run_once(
@@ -228,7 +233,11 @@ async def _bench(args: argparse.Namespace, uvloop_on: bool) -> int:
     failures = 0
     try:
         if args.spawn or args.echo:
-            spawned = await spawn_stack(echo=args.echo, server_env=_server_env(args.server_env))
+            spawned = await spawn_stack(
+                echo=args.echo,
+                server_env=_pairs(args.server_env, "--server-env"),
+                redis_config=_pairs(args.redis_config, "--redis-config"),
+            )
             print(
                 "spawned "
                 + ", ".join(f"{c.role} pid {c.pid}" for c in spawned.children)

@@ -28,6 +28,7 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from activity_events.bench.stats import process_rss_mb
+from activity_events.embedded import RECOMMENDED_REDIS_CONFIG, redis_config_args
 
 logger = logging.getLogger(__name__)
 
@@ -170,8 +171,9 @@ async def _wait_serving(child: Child, target: str, *, health: bool) -> None:
     raise SpawnError(f"{child.role} did not become ready on {target}:\n{child.log_tail()}")
 
 
-async def spawn_redis(workdir: Path) -> tuple[Child, str]:
-    """A private redis-server with AOF everysec on a free port; returns it and its URL."""
+async def spawn_redis(workdir: Path, config: dict[str, str] | None = None) -> tuple[Child, str]:
+    """A private redis-server with AOF everysec and the recommended settings
+    (``config`` overrides them) on a free port; returns it and its URL."""
     port = free_port()
     argv = [
         shutil.which("redis-server") or "redis-server",
@@ -183,6 +185,7 @@ async def spawn_redis(workdir: Path) -> tuple[Child, str]:
         "--save", "",
         "--daemonize", "no",
         "--protected-mode", "yes",
+        *redis_config_args({**RECOMMENDED_REDIS_CONFIG, **(config or {})}),
     ]  # fmt: skip
     child = _start("redis", argv, workdir)
     url = f"redis://127.0.0.1:{port}/0"
@@ -194,7 +197,12 @@ async def spawn_redis(workdir: Path) -> tuple[Child, str]:
     return child, url
 
 
-async def spawn_stack(*, echo: bool, server_env: dict[str, str] | None = None) -> Spawned:
+async def spawn_stack(
+    *,
+    echo: bool,
+    server_env: dict[str, str] | None = None,
+    redis_config: dict[str, str] | None = None,
+) -> Spawned:
     """Starts Redis + server (or the echo server) and waits until they serve.
 
     The caller must call `Spawned.stop` in ``finally``; on failure here,
@@ -211,7 +219,7 @@ async def spawn_stack(*, echo: bool, server_env: dict[str, str] | None = None) -
             spawned.children.append(child)
             await _wait_serving(child, spawned.target, health=False)
         else:
-            redis_child, spawned.redis_url = await spawn_redis(workdir)
+            redis_child, spawned.redis_url = await spawn_redis(workdir, redis_config)
             spawned.children.append(redis_child)
             env = dict(os.environ)
             env.update(
