@@ -184,3 +184,17 @@ async def test_dedup_index_is_compact_and_answers_the_stored_cursor(
         assert await redis_client.object("encoding", key) == b"listpack"
         values = await redis_client.hvals(key)  # type: ignore[misc]
         assert values and max(len(v) for v in values) <= 6 + 6 + 3, key
+
+
+async def test_ids_at_every_varint_width_are_stored_and_deduplicated(
+    server: Any, stub: Any
+) -> None:
+    """append.lua encodes ids (and dedup times) as varints with fast paths below
+    2**21: ids at each width's edges read back and deduplicate exactly."""
+    ids = [1, 127, 128, 16383, 16384, 2**21 - 1, 2**21, 2**28 - 1, 2**28, 2**31 - 1]
+    created = {i: (await create(stub, 8, i, f"m{i}")).cursor for i in ids}
+    stored = await list_events(stub, 8)
+    assert [(e.id, e.message) for e in stored] == [(i, f"m{i}") for i in ids]
+    for i in ids:
+        again = await create(stub, 8, i, f"m{i}")
+        assert again.duplicate and again.cursor == created[i]

@@ -52,9 +52,8 @@ local fresh = redis.call('EXISTS', KEYS[2]) == 0
 
 -- The dedup value of a stream entry id, and back.
 local function pack(entry, digest)
-  local sep = string.find(entry, '-', 1, true)
-  local ms = tonumber(string.sub(entry, 1, sep - 1))
-  local seq = tonumber(string.sub(entry, sep + 1))
+  local ms_text, seq_text = string.match(entry, '^(%d+)-(%d+)$')
+  local ms, seq = tonumber(ms_text), tonumber(seq_text)
   if epoch < 0 then
     epoch = ms
     new_epoch = true

@@ -1,8 +1,14 @@
 -- Helpers prepended to every script by store.LuaScript (Lua scripts cannot
 -- import one another).
 
--- Protobuf varint of a non-negative integer.
+-- Protobuf varint of a non-negative integer. Values below 2^21 (ids and
+-- lengths, mostly) take a path without a table: this runs per stored event.
 local function varint(n)
+  if n < 128 then return string.char(n) end
+  if n < 16384 then return string.char(n % 128 + 128, math.floor(n / 128)) end
+  if n < 2097152 then
+    return string.char(n % 128 + 128, math.floor(n / 128) % 128 + 128, math.floor(n / 16384))
+  end
   local out = {}
   while n >= 128 do
     out[#out + 1] = string.char(n % 128 + 128)
