@@ -25,17 +25,37 @@ DIGEST_BYTES = 6
 _CURSOR = re.compile(r"^(?:(\d{1,10}):)?(\d{1,20})-(\d{1,20})$")
 
 
-def varint(n: int) -> bytes:
-    """Protobuf varint of a non-negative int64, or of a negative one as its
-    64-bit two's complement (how int64 fields encode negative values)."""
-    if n < 0:
-        n += 1 << 64
+def _varint_slow(n: int) -> bytes:
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+_SMALL = [_varint_slow(n) for n in range(1 << 14)]
+"""Varints of every value below 2**14 (lengths, most ids)."""
+
+_PAIRS = [bytes(((n & 0x7F) | 0x80, ((n >> 7) & 0x7F) | 0x80)) for n in range(1 << 14)]
+"""Two continued varint bytes for each 14-bit group: a nanosecond timestamp (nine
+bytes) takes four lookups and one final byte instead of nine loop turns."""
+
+
+def varint(n: int) -> bytes:
+    """Protobuf varint of a non-negative int64, or of a negative one as its
+    64-bit two's complement (how int64 fields encode negative values).
+    Runs for several fields of every ingested event, hence the tables."""
+    if n < 0:
+        n += 1 << 64
+    if n < 16384:
+        return _SMALL[n]
+    parts = []
+    while n >= 16384:
+        parts.append(_PAIRS[n & 0x3FFF])
+        n >>= 14
+    parts.append(_SMALL[n])
+    return b"".join(parts)
 
 
 def receive_timestamp_field(receive_ns: int) -> bytes:

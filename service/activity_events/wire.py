@@ -15,23 +15,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 
 from .errors import Corrupt
-from .events import StoredEvent
-from .events import varint as encode_varint
+from .events import StoredEvent, varint
 from .keys import EVENT_FIELD
 
 _TAG_1_LEN = b"\x0a"  # field 1, wire type 2 (length-delimited)
 _TAG_2_LEN = b"\x12"  # field 2, wire type 2
 CAUGHT_UP = b"\x10\x01"  # WatchEventsResponse{caught_up: true}
 
-
-_SMALL = [encode_varint(n) for n in range(1 << 14)]
-"""Varints of every length below 16 KiB, precomputed: the replay path needs two per event."""
-
-
-def varint(n: int) -> bytes:
-    """:func:`events.varint` (negatives as 64-bit two's complement), from the
-    table for the small lengths and values of the hot paths."""
-    return _SMALL[n] if 0 <= n < 16384 else encode_varint(n)
+__all__ = ["varint"]  # re-exported: the one varint encoder lives in events
 
 
 def stored_event(event: StoredEvent) -> bytes:
