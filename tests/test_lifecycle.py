@@ -399,8 +399,15 @@ async def test_embedded_redis_serves_and_persists(
         assert first.pid is not None
         children = psutil.Process(first.pid).children(recursive=True)
         assert children, "the embedded redis-server should be a child process"
-        command = " ".join(children[0].cmdline())
-        assert "--stream-node-max-bytes 16384" in command, command  # the recommended settings
+        [socket_path] = {
+            c.laddr for c in children[0].net_connections(kind="unix") if c.laddr.endswith(".sock")
+        }
+        embedded = redis_asyncio.Redis(unix_socket_path=socket_path, socket_timeout=5)
+        try:  # the recommended settings (README "Redis settings")
+            config = await embedded.config_get("stream-node-max-*")
+        finally:
+            await embedded.aclose()
+        assert config == {"stream-node-max-bytes": "16384", "stream-node-max-entries": "1000"}
         async with _aio_channel(first.port) as channel:
             stub = pb_grpc.ActivityEventsStub(channel)
             created = await create(stub, 6, 1, "kept by the embedded redis")
