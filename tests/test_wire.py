@@ -104,3 +104,38 @@ def test_event_result_matches_the_protobuf_runtime(fields: dict[str, object]) ->
         receive=int(fields.get("receive", 0)),  # type: ignore[call-overload]
     )
     assert encoded == expected
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (0, 1, 1, pb.OUTCOME_CREATED, "1:1764370000000-0", 1_764_370_000_000_123_456),
+        (999, 2**31 - 1, 2**31 - 1, pb.OUTCOME_DUPLICATE, "2147483647:1-2", 1),
+        (5, 0, 3, pb.OUTCOME_CREATED, "", 0),
+        (70_000, 12, 0, 0, "7:9-9", 2**63 - 1),
+    ],
+)
+def test_stored_result_from_parts_matches_the_protobuf_runtime(
+    case: tuple[int, int, int, int, str, int],
+) -> None:
+    index, event_id, deployment_id, outcome, cursor, receive = case
+    expected = pb.CreateEventsResponse(
+        results=[
+            pb.EventResult(
+                index=index,
+                id=event_id,
+                deployment_id=deployment_id,
+                outcome=outcome,  # type: ignore[arg-type]
+                cursor=cursor,
+                receive=receive,
+            )
+        ]
+    ).SerializeToString()
+    encoded = wire.stored_result(
+        index,
+        event_id,
+        wire.deployment_and_outcome(deployment_id, outcome),
+        cursor.encode(),
+        wire.receive_field(receive),
+    )
+    assert encoded == expected

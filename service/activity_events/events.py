@@ -141,7 +141,8 @@ class NewEvent:
 
     deployment_id: int
     event_id: int
-    message: str
+    message: bytes
+    """The message's UTF-8 bytes (encoded once: size check, digest and payload use them)."""
     send_ns: int
     has_timestamp: bool
 
@@ -151,7 +152,7 @@ class NewEvent:
         it, so a client's retry with a fresh send time is still a duplicate.
         Six bytes: a different message passes for the same one with odds of
         2**-48, and the dedup index stays small (it holds one per event)."""
-        return hashlib.blake2b(self.message.encode(), digest_size=DIGEST_BYTES).digest()
+        return hashlib.blake2b(self.message, digest_size=DIGEST_BYTES).digest()
 
     def payload_without_id(self, receive_ns: int, receive_field: bytes | None = None) -> bytes:
         """EventRequest bytes of every field but ``id`` (field 1), which the append
@@ -160,7 +161,7 @@ class NewEvent:
         once per ingested event, and building a message object costs more than
         the rest of the event's work. tests/test_events.py checks it against the
         protobuf runtime."""
-        message = self.message.encode()
+        message = self.message
         if receive_field is None:  # callers encoding a batch pass it, computed once
             receive_field = receive_timestamp_field(receive_ns)
         timestamp = (b"\x08" + varint(self.send_ns) if self.send_ns else b"") + receive_field
@@ -191,7 +192,8 @@ def validate_new(request: pb.EventRequest, *, max_message_bytes: int) -> NewEven
     validate_deployment_id(request.deployment_id, allow_all=False)
     if request.id < 0:
         raise InvalidArgument("id", f"must be >= 0 (0 asks the server for one), got {request.id}")
-    size = len(request.message.encode())
+    message = request.message.encode()
+    size = len(message)
     if size > max_message_bytes:
         raise InvalidArgument(
             "message", f"is {size} bytes long; the limit is {max_message_bytes} bytes"
@@ -200,7 +202,7 @@ def validate_new(request: pb.EventRequest, *, max_message_bytes: int) -> NewEven
     return NewEvent(
         deployment_id=request.deployment_id,
         event_id=request.id,
-        message=request.message,
+        message=message,
         send_ns=request.timestamp.send if has_timestamp else 0,
         has_timestamp=has_timestamp,
     )

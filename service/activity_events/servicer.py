@@ -210,7 +210,7 @@ class ActivityEventsServicer:
                 success=True,
                 execution_time=new.execution_ms(receive),
                 duplicate=result.outcome is Outcome.DUPLICATE,
-                cursor=str(result.cursor),
+                cursor=result.cursor_bytes.decode(),
             )
         raise AssertionError("unreachable")  # abort() raised
 
@@ -261,16 +261,16 @@ class ActivityEventsServicer:
                 receive = time.time_ns()
                 stored = await self._store.append(valid, receive)
                 self._count(stored)
+                receive_field = wire.receive_field(receive)
                 for index, new, result in zip(where, valid, stored, strict=True):
                     outcome = result.outcome
                     if outcome is Outcome.CREATED or outcome is Outcome.DUPLICATE:
-                        results[index] = wire.event_result(
+                        results[index] = wire.stored_result(
                             index,
                             result.event_id,
-                            new.deployment_id,
-                            _OUTCOMES[outcome],
-                            cursor=str(result.cursor),
-                            receive=receive,
+                            wire.deployment_and_outcome(new.deployment_id, _OUTCOMES[outcome]),
+                            result.cursor_bytes,
+                            receive_field,
                         )
                     else:
                         reason = (

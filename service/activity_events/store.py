@@ -115,8 +115,20 @@ _CODES = {0: Outcome.CREATED, 1: Outcome.DUPLICATE, 2: Outcome.CONFLICT, 3: Outc
 class AppendResult:
     outcome: Outcome
     event_id: int
-    cursor: Cursor | None
-    """Cursor of the stored event (for conflicts: of the event holding the id)."""
+    deployment_id: int
+    entry: bytes
+    """Stream entry id of the stored event (for conflicts: of the event holding
+    the id); empty when there is none. Kept as Redis returned it: a bulk call
+    only needs the cursor's text, and parsing one per event costs."""
+
+    @property
+    def cursor(self) -> Cursor | None:
+        return Cursor.from_entry(self.deployment_id, self.entry) if self.entry else None
+
+    @property
+    def cursor_bytes(self) -> bytes:
+        """The cursor's text form (``<deployment>:<ms>-<seq>``), or b""."""
+        return b"%d:%s" % (self.deployment_id, self.entry) if self.entry else b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,9 +338,8 @@ class EventStore:
                         break
                     if event_id:
                         self._note_id(deployment_id, int(event_id))
-                    cursor = Cursor.from_entry(deployment_id, entry) if entry else None
                     results[indexes[n]] = AppendResult(
-                        _CODES[int(code)], int(event_id) if event_id else 0, cursor
+                        _CODES[int(code)], int(event_id) if event_id else 0, deployment_id, entry
                     )
             if not again:
                 break
