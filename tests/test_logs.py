@@ -17,6 +17,8 @@ from typing import Any
 
 import grpc
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 from opentelemetry.sdk.trace import TracerProvider
 
 from activity_events import logs
@@ -109,6 +111,27 @@ def test_secrets_never_reach_the_output(captured: io.StringIO, text: str, secret
     assert secret not in output
     assert "***" in output
     assert secret not in logs.redact(text)
+
+
+def test_a_secret_in_one_extra_field_among_clean_ones_is_masked(captured: io.StringIO) -> None:
+    """Lines are checked for secrets all texts at once; a hit redacts each field."""
+    logging.getLogger("x").info(
+        "clean message",
+        extra={"peer": "ipv4:127.0.0.1:1", "target": "redis://:hunter2@r:6379", "n": 3},
+    )
+    [line] = lines(captured)
+    assert line["target"] == "redis://:***@r:6379"
+    assert line["message"] == "clean message" and line["peer"] == "ipv4:127.0.0.1:1"
+
+
+@given(st.text(alphabet=st.characters(codec="ascii")) | st.text())
+@example("PassWord")
+@example("x://y")
+@example("API-Key")
+@example("\u212aey")  # Kelvin sign: case folding outside ASCII
+def test_fast_secret_check_never_passes_what_the_pattern_would_flag(text: str) -> None:
+    if logs._MAYBE_SECRET.search(text):
+        assert logs._maybe_secret(text)
 
 
 def test_password_of_a_registered_url_is_masked_alone() -> None:

@@ -46,6 +46,21 @@ _KEY_VALUE = re.compile(
 _MAYBE_SECRET = re.compile(r"(?i)://|bearer|basic|passw|pwd|token|secret|api[_-]?key|authorization")
 """Every text the three patterns above could change matches this."""
 
+_SECRET_WORDS = (
+    "://", "bearer", "basic", "passw", "pwd", "token", "secret",
+    "apikey", "api_key", "api-key", "authorization",
+)  # fmt: skip
+"""_MAYBE_SECRET's words: ``in`` on the lowercased text finds them ten times
+faster than the case-insensitive pattern (it runs for every log line)."""
+
+
+def _maybe_secret(text: str) -> bool:
+    if not text.isascii():  # Unicode case folding: leave it to the pattern
+        return _MAYBE_SECRET.search(text) is not None
+    low = text.lower()
+    return any(word in low for word in _SECRET_WORDS)
+
+
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 _RECORD_FIELDS = frozenset(
     logging.LogRecord("", 0, "", 0, "", None, None).__dict__.keys()
@@ -75,11 +90,16 @@ class Redactor:
                 known.add(secret)
         self._secrets = sorted({s for s in known if len(s) >= 3}, key=len, reverse=True)
 
+    def is_clean(self, text: str) -> bool:
+        """True when redaction would leave ``text`` as it is. Several texts can be
+        checked at once joined by NUL (no pattern or secret spans a NUL)."""
+        return not _maybe_secret(text) and not any(s in text for s in self._secrets)
+
     def __call__(self, text: str) -> str:
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, MASK)
-        if _MAYBE_SECRET.search(text) is None:
+        if not _maybe_secret(text):
             return text  # the common case (e.g. access-log fields): one scan, no substitutions
         text = _URL_PASSWORD.sub(lambda m: m.group("head") + MASK + "@", text)
         text = _BEARER.sub(lambda m: m.group("head") + MASK, text)
@@ -114,15 +134,23 @@ class JsonFormatter(logging.Formatter):
             .replace("+00:00", "Z"),
             "level": record.levelname,
             "logger": record.name,
-            "message": self._redact(record.getMessage()),
+            "message": record.getMessage(),
         }
         span_context = trace.get_current_span().get_span_context()
         if span_context.is_valid:
             entry["trace_id"] = trace.format_trace_id(span_context.trace_id)
             entry["span_id"] = trace.format_span_id(span_context.span_id)
+        texts = ["message"]
         for key, value in record.__dict__.items():
             if key not in _RECORD_FIELDS and not key.startswith("_") and key not in entry:
-                entry[key] = self._redact(value) if isinstance(value, str) else value
+                entry[key] = value
+                if isinstance(value, str):
+                    texts.append(key)
+        # One scan of all texts together (an access-log line has six); field by
+        # field only when something in them may be a secret.
+        if not self._redact.is_clean("\0".join(entry[key] for key in texts)):
+            for key in texts:
+                entry[key] = self._redact(entry[key])
         if record.exc_info:
             entry["exception"] = self._redact(self.formatException(record.exc_info))
         elif record.exc_text:
