@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -447,6 +448,30 @@ def test_tracing_is_off_without_an_exporter(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
     monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
     assert configure_tracing(set_global=False) is None
+
+
+async def test_with_tracing_off_only_calls_carrying_a_trace_context_are_wrapped() -> None:
+    """No SDK provider: a call without trace context runs unwrapped (nothing could
+    record it); one with a traceparent is wrapped, so its logs carry that trace id."""
+    assert not isinstance(trace.get_tracer_provider(), TracerProvider)
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
+
+    async def continuation(details: Any) -> Any:
+        return handler
+
+    def details(metadata: tuple[tuple[str, str], ...]) -> Any:
+        return SimpleNamespace(method=f"/{SERVICE}/CreateEvent", invocation_metadata=metadata)
+
+    interceptor = TracingInterceptor()
+    assert await interceptor.intercept_service(continuation, details(())) is handler
+    plain = await interceptor.intercept_service(continuation, details((("x-other", "1"),)))
+    assert plain is handler
+    parent = (("traceparent", f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01"),)
+    wrapped = await interceptor.intercept_service(continuation, details(parent))
+    assert wrapped is not handler and wrapped.unary_unary is not handler.unary_unary
+    # With a provider of its own it always wraps.
+    traced = TracingInterceptor(TracerProvider())
+    assert await traced.intercept_service(continuation, details(())) is not handler
 
 
 def test_protocol_and_resource_from_env(monkeypatch: pytest.MonkeyPatch) -> None:

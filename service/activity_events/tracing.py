@@ -263,8 +263,18 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         stream_span_cap_seconds: float = STREAM_SPAN_CAP_SECONDS,
     ) -> None:
         self._tracer = _tracer(tracer_provider)
+        self._own_provider = tracer_provider is not None
         self._skip = frozenset(skip_services)
         self._cap = stream_span_cap_seconds
+
+    def _carries_nothing(self, metadata: Any) -> bool:
+        """True when no span could record (no SDK provider, tracing is off) and the
+        caller sent no trace context: the call then runs unwrapped. With a
+        context it is still wrapped, so logs carry the caller's trace id."""
+        if self._own_provider or isinstance(trace.get_tracer_provider(), TracerProvider):
+            return False
+        fields = propagate.get_global_textmap().fields
+        return not any(key in fields for key, _ in metadata or ())
 
     async def intercept_service(
         self,
@@ -274,7 +284,7 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
         service, _ = split_method(handler_call_details.method)
-        if service in self._skip:
+        if service in self._skip or self._carries_nothing(handler_call_details.invocation_metadata):
             return await continuation(handler_call_details)
         handler, info = await resolve(continuation, handler_call_details)
         if handler is None or info is None:
