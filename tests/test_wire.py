@@ -131,7 +131,7 @@ def test_stored_result_from_parts_matches_the_protobuf_runtime(
             )
         ]
     ).SerializeToString()
-    encoded = wire.stored_result(
+    encoded = wire.event_result_from_parts(
         index,
         event_id,
         wire.deployment_and_outcome(deployment_id, outcome),

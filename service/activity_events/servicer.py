@@ -265,7 +265,7 @@ class ActivityEventsServicer:
                 for index, new, result in zip(where, valid, stored, strict=True):
                     outcome = result.outcome
                     if outcome is Outcome.CREATED or outcome is Outcome.DUPLICATE:
-                        results[index] = wire.stored_result(
+                        results[index] = wire.event_result_from_parts(
                             index,
                             result.event_id,
                             wire.deployment_and_outcome(new.deployment_id, _OUTCOMES[outcome]),

@@ -134,24 +134,14 @@ def event_result(
 
     Hand-encoded because a bulk call builds one per event; proto3 omits zero
     values. tests/test_wire.py checks it against the protobuf runtime."""
-    parts = []
-    if index:
-        parts.append(b"\x08" + varint(index))
-    if event_id:
-        parts.append(b"\x10" + varint(event_id))
-    if deployment_id:
-        parts.append(b"\x18" + varint(deployment_id))
-    if outcome:
-        parts.append(b"\x20" + varint(outcome))
-    if cursor:
-        text = cursor.encode()
-        parts.append(b"\x2a" + varint(len(text)) + text)
-    if reason:
-        text = reason.encode()
-        parts.append(b"\x32" + varint(len(text)) + text)
-    if receive:
-        parts.append(b"\x38" + varint(receive))
-    return field_1(b"".join(parts))
+    text = reason.encode()
+    return event_result_from_parts(
+        index,
+        event_id,
+        deployment_and_outcome(deployment_id, outcome),
+        cursor.encode(),
+        (b"\x32" + varint(len(text)) + text if text else b"") + receive_field(receive),
+    )
 
 
 @functools.lru_cache(maxsize=1024)
@@ -167,20 +157,24 @@ def receive_field(receive: int) -> bytes:
     return b"\x38" + varint(receive) if receive else b""
 
 
-def stored_result(index: int, event_id: int, middle: bytes, cursor: bytes, receive: bytes) -> bytes:
-    """:func:`event_result` of a created or duplicate event from pre-encoded
-    parts (``middle`` from :func:`deployment_and_outcome`, ``receive`` from
-    :func:`receive_field`): the bulk path's per-event cost."""
-    body = b"".join(
-        (
-            b"\x08" + varint(index) if index else b"",
-            b"\x10" + varint(event_id) if event_id else b"",
-            middle,
-            b"\x2a" + varint(len(cursor)) + cursor if cursor else b"",
-            receive,
+def event_result_from_parts(
+    index: int, event_id: int, middle: bytes, cursor: bytes, tail: bytes
+) -> bytes:
+    """:func:`event_result` from pre-encoded parts: ``middle`` from
+    :func:`deployment_and_outcome`, ``cursor`` the cursor's text, ``tail``
+    fields 6 and 7 (for a created or duplicate event just :func:`receive_field`,
+    shared by the batch). The bulk path calls it once per event."""
+    return field_1(
+        b"".join(
+            (
+                b"\x08" + varint(index) if index else b"",
+                b"\x10" + varint(event_id) if event_id else b"",
+                middle,
+                b"\x2a" + varint(len(cursor)) + cursor if cursor else b"",
+                tail,
+            )
         )
     )
-    return _TAG_1_LEN + varint(len(body)) + body
 
 
 def identity(message: bytes) -> bytes:
