@@ -380,7 +380,7 @@ async def run_memory(ctx: Context) -> Result:
         stored = await fill(ctx, measured=True)
         events = o.count * o.deployments
         used_after = int((await client.info("memory"))["used_memory"])
-        node_config: dict[Any, Any] = await client.config_get("stream-node-max-*")
+        node_config: dict[Any, Any] = await client.config_get("stream-node-max-*")  # str values
         per_key: dict[str, int] = {"events": 0, "ids": 0, "meta": 0}
         encodings: dict[str, str] = {}
         for deployment in o.deployment_ids:
@@ -416,20 +416,7 @@ async def run_memory(ctx: Context) -> Result:
         **{f"{suffix}_bytes": n for suffix, n in per_key.items()},
         "encodings": encodings,
         # Stream node size decides how densely entries pack (README "Redis settings").
-        **{
-            name.replace("-", "_"): int(value)
-            for name, value in _texts(node_config).items()
-            if name.startswith("stream-node-max-")
-        },
-    }
-
-
-def _texts(config: dict[Any, Any]) -> dict[str, str]:
-    return {
-        (k.decode() if isinstance(k, bytes) else str(k)): (
-            v.decode() if isinstance(v, bytes) else str(v)
-        )
-        for k, v in config.items()
+        **{name.replace("-", "_"): int(value) for name, value in node_config.items()},
     }
 
 
