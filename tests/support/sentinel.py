@@ -44,7 +44,7 @@ class SentinelSet:
     def start(self) -> SentinelSet:
         self.primary.start()
         self.replica.start()
-        self._wait(self._replica_synced, "replica in sync")
+        self._wait(lambda: self._following(self.replica, self.primary), "replica in sync")
         config = self.directory / "sentinel.conf"
         config.write_text(
             f"port {self.sentinel_port}\n"
@@ -71,9 +71,15 @@ class SentinelSet:
         self._wait(lambda: self.master_port() == self.primary.port, "sentinel knows the primary")
         return self
 
-    def _replica_synced(self) -> bool:
-        info = redis.Redis(port=self.replica.port, socket_timeout=2).info("replication")
-        return info.get("master_link_status") == "up"
+    @staticmethod
+    def _following(replica: RedisProcess, primary: RedisProcess) -> bool:
+        """``replica`` replicates ``primary`` and its link is up (in sync)."""
+        info = redis.Redis(port=replica.port, socket_timeout=2).info("replication")
+        return (
+            info.get("role") == "slave"
+            and info.get("master_port") == primary.port
+            and info.get("master_link_status") == "up"
+        )
 
     def master_port(self) -> int | None:
         try:
@@ -104,15 +110,11 @@ class SentinelSet:
         one and is in sync. Sentinel converts it only after it has reported itself
         as a master for a while (its INFO period is 10 s), so this takes 8-20 s."""
 
-        def rejoined() -> bool:
-            info = redis.Redis(port=self.primary.port, socket_timeout=2).info("replication")
-            return (
-                info.get("role") == "slave"
-                and info.get("master_port") == self.replica.port
-                and info.get("master_link_status") == "up"
-            )
-
-        self._wait(rejoined, "old primary rejoined as a replica", timeout)
+        self._wait(
+            lambda: self._following(self.primary, self.replica),
+            "old primary rejoined as a replica",
+            timeout,
+        )
 
     def stop(self) -> None:
         if self._sentinel is not None and self._sentinel.poll() is None:
