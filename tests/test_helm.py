@@ -24,6 +24,7 @@ import pytest
 import yaml
 from kubernetes_validate import utils as kube_validate
 
+from activity_events.embedded import RECOMMENDED_REDIS_CONFIG
 from activity_events.health import LIVENESS
 from activity_events.settings import Settings
 
@@ -324,7 +325,12 @@ def test_dev_redis_is_off_by_default_and_wired_when_on() -> None:
     ]
     objects = render(load_dev_values())
     redis_service = one(objects, "Service", "dev-redis")
-    redis_pods = one(objects, "Deployment", "dev-redis")["spec"]["template"]["metadata"]["labels"]
+    redis_template = one(objects, "Deployment", "dev-redis")["spec"]["template"]
+    redis_pods = redis_template["metadata"]["labels"]
+    [redis_container] = redis_template["spec"]["containers"]
+    args = redis_container["args"]
+    for name, value in RECOMMENDED_REDIS_CONFIG.items():  # the chart repeats them literally
+        assert args[args.index(f"--{name}") + 1] == value
     url = base64.b64decode(one(objects, "Secret")["data"]["redis-url"]).decode()
     assert url == f"redis://{redis_service['metadata']['name']}:6379/0"
     # The server's selectors must never pick up the Redis pod of the same release.
