@@ -47,17 +47,13 @@ local used = {}
 local meta = redis.call('HMGET', KEYS[2], 'maxid', 'epoch')
 local maxid = tonumber(meta[1] or '0')
 local epoch = tonumber(meta[2] or '-1')
-local new_epoch = false
 local fresh = redis.call('EXISTS', KEYS[2]) == 0
 
 -- The dedup value of a stream entry id, and back.
 local function pack(entry, digest)
   local ms_text, seq_text = string.match(entry, '^(%d+)-(%d+)$')
   local ms, seq = tonumber(ms_text), tonumber(seq_text)
-  if epoch < 0 then
-    epoch = ms
-    new_epoch = true
-  end
+  if epoch < 0 then epoch = ms end
   local t = (ms >= epoch) and (ms - epoch) * 2 or ms * 2 + 1
   return digest .. varint(t) .. varint(seq)
 end
@@ -118,11 +114,7 @@ for i = 0, n - 1 do
 end
 
 if created > 0 then
-  if new_epoch then
-    redis.call('HSET', KEYS[2], 'maxid', maxid, 'epoch', epoch)
-  else
-    redis.call('HSET', KEYS[2], 'maxid', maxid)
-  end
+  redis.call('HSET', KEYS[2], 'maxid', maxid, 'epoch', epoch)  -- epoch: set by pack() if new
   -- Retention. The last removed entry id is kept in meta.trimmed, so a reader
   -- resuming from an older cursor gets a clear error instead of a silent gap.
   if maxlen > 0 then
