@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .ports import RESERVED_PORTS, free_port
+from .processes import terminate
 
 logger = logging.getLogger(__name__)
 
@@ -164,17 +165,8 @@ class RedisProcess:
         process = self._process
         if process is None or process.poll() is not None:
             return
-        try:
-            process.send_signal(signal.SIGCONT)  # a paused server could not act on SIGTERM
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                logger.warning("redis-server pid %s ignored SIGTERM; killing", process.pid)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=timeout)
+        process.send_signal(signal.SIGCONT)  # a paused server could not act on SIGTERM
+        terminate(process, timeout, "redis-server")
 
     def kill(self) -> None:
         """SIGKILL at once: an abrupt outage (the last second of writes may be lost)."""

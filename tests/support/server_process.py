@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .ports import free_port
+from .processes import terminate
 
 logger = logging.getLogger(__name__)
 
@@ -215,16 +215,8 @@ class ServerProcess:
         if process is None:
             return None
         try:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    logger.warning("server pid %s ignored SIGTERM; killing", process.pid)
+            terminate(process, timeout, "server")
         finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=timeout)
             if self._reader is not None:
                 self._reader.join(timeout=2)
         return process.returncode
