@@ -40,7 +40,7 @@ async def test_failover_loses_no_acknowledged_event(
 ) -> None:
     """The primary is SIGKILLed under writes; Sentinel promotes the replica and
     the service follows it without a restart. With WAIT the old primary is
-    brought back (it rejoins as a replica), since WAIT 1 needs one."""
+    brought back as a replica of the promoted one, since WAIT 1 needs one."""
     app = await app_factory(
         redis_url=sentinel_set.url, redis_wait_replicas=wait_replicas, redis_timeout_seconds=1.0
     )
@@ -93,8 +93,7 @@ async def test_failover_loses_no_acknowledged_event(
         killed_at = time.monotonic()
         await asyncio.to_thread(sentinel_set.wait_failover)
         if wait_replicas:
-            await asyncio.to_thread(sentinel_set.primary.start)
-            await asyncio.to_thread(sentinel_set.wait_rejoined)
+            await asyncio.to_thread(sentinel_set.rejoin_old_primary)
         # keep writing on the promoted replica for a while
         deadline = time.monotonic() + 20
         after_failover = sum(len(a) for a in acknowledged.values())
