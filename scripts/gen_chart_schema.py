@@ -2,7 +2,7 @@
 
 The chart renders ``.Values.settings.<name>`` as ``ACTIVITY_<NAME>``; the
 schema lists exactly the settings a user may set there (every field of
-:class:`activity_events.settings.Settings` except those the chart sets
+:class:`activity_events.app.settings.Settings` except those the chart sets
 itself), with their types and bounds, so ``helm install`` rejects a typo or an
 out-of-range value. Run it after adding a setting; ``--check`` (used by
 tests/test_helm.py) fails when the committed schema is stale.
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from activity_events.settings import Settings
+from activity_events.app.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = ROOT / "helm" / "activity-events" / "values.schema.json"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import AliasChoices
 
-from activity_events.settings import Settings
+from activity_events.app.settings import Settings
 
 
 def env_names(name: str) -> list[str]:

@@ -37,9 +37,9 @@ import pytest
 import redis.asyncio as redis_asyncio
 from prometheus_client import CollectorRegistry
 
+from activity_events.app.server import Application
+from activity_events.app.settings import Settings
 from activity_events.pb import activityevents_pb2_grpc as pb_grpc
-from activity_events.server import Application
-from activity_events.settings import Settings
 from tests.support.redis_process import RedisProcess
 from tests.support.server_process import SETTINGS_ENV_NAMES, SETTINGS_ENV_PREFIXES, ServerProcess
 

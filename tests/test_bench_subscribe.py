@@ -6,7 +6,7 @@ from typing import Any
 
 import grpc
 
-from activity_events.bench_subscribe import measure
+from activity_events.bench.subscribe import measure
 from activity_events.pb import activityevents_pb2 as pb
 from activity_events.pb import activityevents_pb2_grpc as pb_grpc
 

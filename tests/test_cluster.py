@@ -12,8 +12,8 @@ import grpc
 import pytest
 from redis.crc import key_slot
 
-from activity_events import keys
 from activity_events.pb import activityevents_pb2 as pb
+from activity_events.redis import keys
 from tests.support.cluster import RedisClusterProcesses
 from tests.support.streams import Follower, create, event, list_events, status_of, watch
 

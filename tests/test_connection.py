@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from activity_events import connection
-from activity_events.settings import Settings, redact_url
+from activity_events.app.settings import Settings, redact_url
+from activity_events.redis import connection
 
 
 def test_single_node_urls_are_left_to_redis_py() -> None:

@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from activity_events.consul import ConsulSettingsError, decode_entries, kv_url
-from activity_events.settings import Settings
+from activity_events.app.consul import ConsulSettingsError, decode_entries, kv_url
+from activity_events.app.settings import Settings
 from tests.support.ports import free_port
 from tests.support.redis_process import RedisProcess
 from tests.support.server_process import ServerProcess
@@ -212,7 +212,7 @@ def test_folders_nested_and_unknown_keys_are_skipped(
     consul.put(f"{PREFIX}/max_batch", "70")
     consul.put(f"{PREFIX}/no_such_setting", "very-secret-value")
     consul.put(f"{PREFIX}-old/max_batch", "1")  # a sibling prefix, not below ours
-    with caplog.at_level(logging.WARNING, logger="activity_events.consul"):
+    with caplog.at_level(logging.WARNING, logger="activity_events.app.consul"):
         settings = Settings()
     assert settings.max_batch == 70
     assert "no_such_setting" in caplog.text
@@ -222,7 +222,7 @@ def test_folders_nested_and_unknown_keys_are_skipped(
 def test_consul_cannot_move_consul(consul: FakeConsul, caplog: pytest.LogCaptureFixture) -> None:
     consul.put(f"{PREFIX}/consul_http_addr", "10.0.0.1:8500")
     consul.put(f"{PREFIX}/consul_prefix", "elsewhere")
-    with caplog.at_level(logging.WARNING, logger="activity_events.consul"):
+    with caplog.at_level(logging.WARNING, logger="activity_events.app.consul"):
         settings = Settings()
     assert settings.consul_http_addr == consul.address
     assert settings.consul_prefix == PREFIX
@@ -259,7 +259,7 @@ def test_unreachable_consul_with_fallback_logs_and_uses_env_and_defaults(
     monkeypatch.setenv("ACTIVITY_CONSUL_PREFIX", PREFIX)
     monkeypatch.setenv("ACTIVITY_CONSUL_FALLBACK", "true")
     monkeypatch.setenv("ACTIVITY_MAX_BATCH", "9")
-    with caplog.at_level(logging.WARNING, logger="activity_events.consul"):
+    with caplog.at_level(logging.WARNING, logger="activity_events.app.consul"):
         settings = Settings()
     assert settings.max_batch == 9
     assert settings.consul_fallback is True
@@ -312,7 +312,7 @@ def test_kv_seed_loads_into_valid_settings(
     assert all(set(entry) == {"key", "flags", "value"} for entry in seed), "consul kv import format"
     assert all(entry["key"].startswith(f"{PREFIX}/") for entry in seed)
     consul.import_json(KV_SEED)
-    with caplog.at_level(logging.WARNING, logger="activity_events.consul"):
+    with caplog.at_level(logging.WARNING, logger="activity_events.app.consul"):
         settings = Settings()
     assert "no setting" not in caplog.text, caplog.text
     assert settings.retention_max_len == 100000

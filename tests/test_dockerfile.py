@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from grpc_health.v1 import health_pb2
 
-from activity_events.settings import Settings
+from activity_events.app.settings import Settings
 from tests.support.ports import free_port
 from tests.support.redis_process import RedisProcess
 from tests.support.server_process import ServerProcess, clean_environ

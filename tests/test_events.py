@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from activity_events.errors import InvalidArgument
-from activity_events.events import Cursor, validate_new
+from activity_events.domain.errors import InvalidArgument
+from activity_events.domain.events import Cursor, validate_new
 from activity_events.pb import activityevents_pb2 as pb
 
 

@@ -11,7 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from activity_events import SERVICE_NAME
-from activity_events.health import LIVENESS
+from activity_events.grpc.health import LIVENESS
 from activity_events.pb import activityevents_pb2 as pb
 from activity_events.pb import activityevents_pb2_grpc as pb_grpc
 

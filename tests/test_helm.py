@@ -24,9 +24,9 @@ import pytest
 import yaml
 from kubernetes_validate import utils as kube_validate
 
-from activity_events.embedded import RECOMMENDED_REDIS_CONFIG
-from activity_events.health import LIVENESS
-from activity_events.settings import Settings
+from activity_events.app.embedded import RECOMMENDED_REDIS_CONFIG
+from activity_events.app.settings import Settings
+from activity_events.grpc.health import LIVENESS
 
 pytestmark = pytest.mark.tools
 

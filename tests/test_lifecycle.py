@@ -371,7 +371,7 @@ async def test_python_module_with_legacy_port_exits_zero_on_sigint(
     proc = server_process_factory(
         {"ACTIVITY_REDIS_URL": redis_server.url, "PORT": str(port)},
         port=port,
-        command=[sys.executable, "-m", "activity_events.server"],
+        command=[sys.executable, "-m", "activity_events.app.server"],
     )
     del proc.env["ACTIVITY_PORT"]  # only the original service's variable names the port
     await asyncio.to_thread(proc.start)

@@ -21,7 +21,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from opentelemetry.sdk.trace import TracerProvider
 
-from activity_events import logs
+from activity_events.observability import logs
 from activity_events.pb import activityevents_pb2 as pb
 from activity_events.pb import activityevents_pb2_grpc as pb_grpc
 from tests.support.redis_process import RedisProcess
@@ -149,7 +149,7 @@ def test_redaction_keeps_harmless_text() -> None:
 def test_uncaught_exception_is_one_json_line() -> None:
     code = textwrap.dedent(
         """
-        from activity_events import logs
+        from activity_events.observability import logs
         logs.configure("INFO")
         import threading
         t = threading.Thread(target=lambda: 1 / 0, name="worker")

@@ -14,14 +14,14 @@ from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from activity_events.httpserver import MetricsServer
-from activity_events.interceptors import (
+from activity_events.http.server import MetricsServer
+from activity_events.observability.grpc_metrics import (
     GO_CODE_NAMES,
     AccessLogInterceptor,
     GrpcMetricsInterceptor,
     deployment_ids,
 )
-from activity_events.metrics import ServiceMetrics
+from activity_events.observability.metrics import ServiceMetrics
 from activity_events.pb import activityevents_pb2 as pb
 from tests.observability_probe import SERVICE, ProbeServer, probe_services, value, wait_for
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from activity_events import feeds
-from activity_events.page import ActivityPage, start_page
+from activity_events.http import feeds
+from activity_events.http.page import ActivityPage, start_page
 from activity_events.pb import activityevents_pb2 as pb
 from activity_events.pb import activityevents_pb2_grpc as pb_grpc
 

@@ -11,9 +11,9 @@ import grpc
 import pytest
 import redis.asyncio as redis_asyncio
 
-from activity_events.connection import CLIENT_NAME
 from activity_events.pb import activityevents_pb2 as pb
 from activity_events.pb import activityevents_pb2_grpc as pb_grpc
+from activity_events.redis.connection import CLIENT_NAME
 from tests.support.redis_process import RedisProcess
 from tests.support.streams import Follower, event, list_events
 

@@ -192,7 +192,7 @@ def test_settings_repr_hides_passwords(settings_factory: Callable[..., Any]) -> 
 
 @pytest.mark.parametrize("bad", ["missing", "invalid"])
 def test_token_file_errors_never_quote_tokens(tmp_path: Path, bad: str) -> None:
-    from activity_events import auth  # noqa: PLC0415
+    from activity_events.grpc import auth  # noqa: PLC0415
 
     path = tmp_path / "tokens"
     if bad == "invalid":

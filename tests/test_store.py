@@ -10,9 +10,10 @@ import grpc
 import pytest
 import redis.asyncio as redis_asyncio
 
-from activity_events import keys, wire
-from activity_events.events import Cursor
+from activity_events.codec import wire
+from activity_events.domain.events import Cursor
 from activity_events.pb import activityevents_pb2 as pb
+from activity_events.redis import keys
 from tests.support.streams import create, event, list_events
 
 

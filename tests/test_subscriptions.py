@@ -23,11 +23,11 @@ import grpc
 import pytest
 import redis.asyncio as redis_asyncio
 
-from activity_events import keys
+from activity_events.grpc.subscriptions import delivery_responses
 from activity_events.pb import activityevents_pb2 as pb
 from activity_events.pb import activityevents_pb2_grpc as pb_grpc
-from activity_events.subscriber import delivery_responses
-from activity_events.subscriptions import Delivered, SubscriptionConfig
+from activity_events.redis import keys
+from activity_events.redis.groups import Delivered, SubscriptionConfig
 from tests.support.streams import RPC_TIMEOUT, status_of, wait_until
 
 #: Generous bound for events to reach a consumer.

@@ -26,10 +26,8 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
-from activity_events.metrics import ServiceMetrics
-from activity_events.pb import activityevents_pb2 as pb
-from activity_events.pb import activityevents_pb2_grpc as pb_grpc
-from activity_events.tracing import (
+from activity_events.observability.metrics import ServiceMetrics
+from activity_events.observability.tracing import (
     TracingInterceptor,
     build_resource,
     client_interceptors,
@@ -39,6 +37,8 @@ from activity_events.tracing import (
     outgoing_metadata,
     shutdown_tracing,
 )
+from activity_events.pb import activityevents_pb2 as pb
+from activity_events.pb import activityevents_pb2_grpc as pb_grpc
 from tests.observability_probe import wait_for
 from tests.support.redis_process import RedisProcess
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from activity_events import events, wire
-from activity_events.events import Cursor, StoredEvent
+from activity_events.codec import wire
+from activity_events.domain import events
+from activity_events.domain.events import Cursor, StoredEvent
 from activity_events.pb import activityevents_pb2 as pb
 
 

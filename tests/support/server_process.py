@@ -53,7 +53,7 @@ def server_command() -> list[str]:
     script = Path(sys.executable).with_name("activity-server")
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-m", "activity_events.server"]
+    return [sys.executable, "-m", "activity_events.app.server"]
 
 
 def health_status(port: int, service: str = "", timeout: float = 1.0) -> int | None:

@@ -33,7 +33,7 @@ from activity_events.bench.scenarios import (
 )
 from activity_events.bench.spawn import Spawned, SpawnError, spawn_stack
 from activity_events.bench.stats import process_rss_mb
-from activity_events.bench_subscribe import run_subscribe
+from activity_events.bench.subscribe import run_subscribe
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass, replace
 from typing import Any
 
-from activity_events.bench_subscribe import SCENARIO_DEFAULTS as SUBSCRIBE_DEFAULTS
+from activity_events.bench.subscribe import SCENARIO_DEFAULTS as SUBSCRIBE_DEFAULTS
 
 SCENARIOS = ("create", "ingest", "list", "replay", "follow", "memory", "subscribe")
 

@@ -21,12 +21,12 @@ from typing import Any
 import grpc
 import redis.asyncio as aioredis
 
-from activity_events import keys
 from activity_events.bench.channels import ChannelPool
 from activity_events.bench.options import Options
 from activity_events.bench.progress import Progress
 from activity_events.bench.stats import Meter, latency_fields
 from activity_events.pb import activityevents_pb2 as pb
+from activity_events.redis import keys
 
 logger = logging.getLogger(__name__)
 

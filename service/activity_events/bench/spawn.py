@@ -27,8 +27,8 @@ import grpc
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from activity_events.app.embedded import RECOMMENDED_REDIS_CONFIG, redis_config_args
 from activity_events.bench.stats import process_rss_mb
-from activity_events.embedded import RECOMMENDED_REDIS_CONFIG, redis_config_args
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ async def spawn_stack(
                 }
             )
             env.update(server_env or {})
-            argv = [sys.executable, "-c", "from activity_events.server import main; main()"]
+            argv = [sys.executable, "-c", "from activity_events.app.server import main; main()"]
             started = time.perf_counter()
             child = _start("server", argv, workdir, env)
             spawned.children.append(child)

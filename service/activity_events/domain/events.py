@@ -14,8 +14,8 @@ import re
 from dataclasses import dataclass
 from functools import total_ordering
 
-from .errors import InvalidArgument
-from .pb import activityevents_pb2 as pb
+from activity_events.domain.errors import InvalidArgument
+from activity_events.pb import activityevents_pb2 as pb
 
 INT32_MAX = 2**31 - 1
 

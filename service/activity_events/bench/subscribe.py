@@ -10,7 +10,7 @@ Two entry points: :func:`run_subscribe` for the activity-bench scenario table
 (``SCENARIO_RUNNERS["subscribe"] = run_subscribe``; it reads ``count``,
 ``concurrency`` as the number of consumers, ``connections``, ``message_size``,
 ``base`` and ``timeout`` from the options), and :func:`measure` with plain
-arguments, also behind ``python -m activity_events.bench_subscribe``.
+arguments, also behind ``python -m activity_events.bench.subscribe``.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from .pb import activityevents_pb2 as pb
-from .pb import activityevents_pb2_grpc as pb_grpc
+from activity_events.pb import activityevents_pb2 as pb
+from activity_events.pb import activityevents_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
-    from .bench.scenarios import Context
+    from activity_events.bench.scenarios import Context
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ for 4 consumers."""
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m activity_events.bench_subscribe",
+        prog="python -m activity_events.bench.subscribe",
         description="Events acknowledged per second through Subscribe (median of --runs).",
     )
     parser.add_argument("--target", default="127.0.0.1:50051")

@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 import grpc
 
-from . import SERVICE_NAME
+from activity_events import SERVICE_NAME
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ probes expect.
 - ``/healthz``: 200 while the process and its event loop run (liveness).
 - ``/readyz``: 200 when the ``readiness`` callable says so (Redis reachable
   and not shutting down, decided by the caller), else 503 (readiness).
-- with ``page`` set: the activity page's routes (:mod:`activity_events.page`).
+- with ``page`` set: the activity page's routes (:mod:`activity_events.http.page`).
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from activity_events import __version__
-from activity_events.interceptors import (
+from activity_events.observability.grpc_metrics import (
     QUIET_SERVICES,
     RpcInfo,
     deployment_ids,
@@ -576,7 +576,7 @@ def instrument_redis(
 ) -> Any:
     """Observe every command and pipeline of a redis-py asyncio client; returns ``client``.
 
-    ``metrics`` (a :class:`~activity_events.metrics.ServiceMetrics`, optional)
+    ``metrics`` (a :class:`~activity_events.observability.metrics.ServiceMetrics`, optional)
     gets ``activity_redis_command_duration_seconds{command}`` and
     ``activity_redis_command_errors_total{command,error}``; a pipeline counts
     once as ``PIPELINE``. Blocking reads (``BLOCK``) are not timed, since

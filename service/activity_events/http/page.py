@@ -12,7 +12,7 @@ with ``page_enabled=false``. Routes:
 - ``/api/deployments/<id>/events?before=CURSOR&limit=N``: a page of events,
   newest first, strictly before the cursor ("load older").
 - ``/api/deployments/<id>/stream`` (``Last-Event-ID`` or ``?after=CURSOR``)
-  and ``/api/stream``: Server-Sent Events, see :mod:`activity_events.feeds`.
+  and ``/api/stream``: Server-Sent Events, see :mod:`activity_events.http.feeds`.
 
 With ``auth_tokens_file`` set, every ``/api`` route needs a token with the
 reader role (or admin), checked in constant time against the same token
@@ -36,14 +36,22 @@ from http import HTTPStatus
 from importlib import resources
 from typing import Any
 
-from . import auth
-from .errors import ActivityError, InvalidArgument, StoreUnavailable
-from .events import Cursor
-from .feeds import deployment_feed, deployment_rows, event_json, list_feed
-from .hub import Hub
-from .settings import Settings
-from .store import REDIS_DOWN, EventStore
-from .web import BadRequest, Request, parse_head, response_head, send, send_error, send_json
+from activity_events.app.settings import Settings
+from activity_events.domain.errors import ActivityError, InvalidArgument, StoreUnavailable
+from activity_events.domain.events import Cursor
+from activity_events.grpc import auth
+from activity_events.http.feeds import deployment_feed, deployment_rows, event_json, list_feed
+from activity_events.http.web import (
+    BadRequest,
+    Request,
+    parse_head,
+    response_head,
+    send,
+    send_error,
+    send_json,
+)
+from activity_events.live.hub import Hub
+from activity_events.redis.store import REDIS_DOWN, EventStore
 
 logger = logging.getLogger(__name__)
 
@@ -383,7 +391,7 @@ async def start_page(
 ) -> ActivityPage | None:
     """Build the page and attach it to the HTTP side port (or its own ``page_port``).
 
-    ``http`` is the running :class:`~activity_events.httpserver.MetricsServer`;
+    ``http`` is the running :class:`~activity_events.http.server.MetricsServer`;
     returns None when ``page_enabled`` is false. Call :meth:`ActivityPage.stop`
     before stopping the hub and the HTTP side port.
     """

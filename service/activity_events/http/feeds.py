@@ -1,7 +1,7 @@
 """What the activity page shows: deployment rows, event pages and live feeds.
 
-History comes from the :class:`~activity_events.store.EventStore`, live events
-from the per-replica :class:`~activity_events.hub.Hub`, exactly like gRPC
+History comes from the :class:`~activity_events.redis.store.EventStore`, live events
+from the per-replica :class:`~activity_events.live.hub.Hub`, exactly like gRPC
 followers, so a browser costs no Redis connection of its own and sees events
 created through any replica.
 
@@ -31,11 +31,11 @@ import logging
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
-from .errors import FollowerLagged, OutOfRange
-from .events import Cursor, StoredEvent
-from .hub import ALL, Hub
-from .store import EventStore
-from .web import SSE_KEEPALIVE, sse_frame, sse_retry
+from activity_events.domain.errors import FollowerLagged, OutOfRange
+from activity_events.domain.events import Cursor, StoredEvent
+from activity_events.http.web import SSE_KEEPALIVE, sse_frame, sse_retry
+from activity_events.live.hub import ALL, Hub
+from activity_events.redis.store import EventStore
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ Nothing else in the package reads the environment for its configuration.
 
 Settings may also come from a Consul KV prefix (``ACTIVITY_CONSUL_PREFIX``,
 with Consul's standard ``CONSUL_HTTP_ADDR`` and ``CONSUL_HTTP_TOKEN``); see
-:mod:`activity_events.consul`. Precedence: explicit arguments > environment >
+:mod:`activity_events.app.consul`. Precedence: explicit arguments > environment >
 Consul > defaults.
 """
 
@@ -20,7 +20,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from activity_events.consul import DEFAULT_CONSUL_ADDR, ConsulSettingsSource
+from activity_events.app.consul import DEFAULT_CONSUL_ADDR, ConsulSettingsSource
 
 REDIS_SCHEMES = (
     "redis",

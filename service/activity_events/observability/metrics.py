@@ -5,7 +5,7 @@ the hub and the servicer, which update its public attributes directly
 (``metrics.events_appended.inc()``) or through the few helpers below that
 carry a little logic. Tests build their own ``CollectorRegistry`` so they
 never see another test's counts. gRPC server metrics live in
-:mod:`activity_events.interceptors`, not here.
+:mod:`activity_events.observability.grpc_metrics`, not here.
 
 Naming follows Prometheus conventions so ``promtool check metrics`` is
 silent: counters end in ``_total``, durations are in seconds and end in

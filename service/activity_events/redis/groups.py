@@ -33,10 +33,10 @@ from typing import Any, TypeVar
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis import exceptions as rexc
 
-from . import keys
-from .errors import InvalidArgument, NotFound, StoreUnavailable
-from .events import Cursor, StoredEvent
-from .store import EventStore, LuaScript
+from activity_events.domain.errors import InvalidArgument, NotFound, StoreUnavailable
+from activity_events.domain.events import Cursor, StoredEvent
+from activity_events.redis import keys
+from activity_events.redis.store import EventStore, LuaScript
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
-from . import keys
-from .errors import (
+from activity_events.app.settings import Settings
+from activity_events.domain.errors import (
     ActivityError,
     Corrupt,
     NotFound,
@@ -32,8 +32,8 @@ from .errors import (
     OutOfRange,
     StoreUnavailable,
 )
-from .events import Cursor, NewEvent, StoredEvent, receive_timestamp_field
-from .settings import Settings
+from activity_events.domain.events import Cursor, NewEvent, StoredEvent, receive_timestamp_field
+from activity_events.redis import keys
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
-from .settings import Settings, redact_url
+from activity_events.app.settings import Settings, redact_url
 
 logger = logging.getLogger(__name__)
 

@@ -33,15 +33,21 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry
 
-from . import keys
-from .errors import ActivityError, Exhausted, FollowerLagged, InvalidArgument, NotFound
-from .events import Cursor, validate_deployment_id
-from .hub import ALL, Hub, Subscription
-from .pb import activityevents_pb2 as pb
-from .servicer import status_of
-from .settings import Settings
-from .store import EventStore
-from .subscriptions import (
+from activity_events.app.settings import Settings
+from activity_events.codec.wire import chunked, field_1, identity, varint
+from activity_events.domain.errors import (
+    ActivityError,
+    Exhausted,
+    FollowerLagged,
+    InvalidArgument,
+    NotFound,
+)
+from activity_events.domain.events import Cursor, validate_deployment_id
+from activity_events.grpc.events import status_of
+from activity_events.live.hub import ALL, Hub, Subscription
+from activity_events.pb import activityevents_pb2 as pb
+from activity_events.redis import keys
+from activity_events.redis.groups import (
     MAX_DELIVERIES_LIMIT,
     MAX_VISIBILITY_MS,
     Delivered,
@@ -51,7 +57,7 @@ from .subscriptions import (
     SubscriptionStore,
     validate_name,
 )
-from .wire import chunked, field_1, identity, varint
+from activity_events.redis.store import EventStore
 
 logger = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Iterator, Sequence
 
-from .errors import Corrupt
-from .events import StoredEvent, varint
-from .keys import EVENT_FIELD
+from activity_events.domain.errors import Corrupt
+from activity_events.domain.events import StoredEvent, varint
+from activity_events.redis.keys import EVENT_FIELD
 
 _TAG_1_LEN = b"\x0a"  # field 1, wire type 2 (length-delimited)
 _TAG_2_LEN = b"\x12"  # field 2, wire type 2

@@ -23,21 +23,29 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from . import SERVICE_NAME, __version__, auth, connection, logs, tls
-from .embedded import EmbeddedRedis
-from .health import HealthMonitor
-from .httpserver import MetricsServer
-from .hub import BlockingReader, Hub, NotifiedReader, Reader
-from .interceptors import AccessLogInterceptor, GrpcMetricsInterceptor
-from .metrics import ServiceMetrics
-from .page import ActivityPage, start_page
-from .pb import activityevents_pb2 as pb
-from .servicer import ActivityEventsServicer, generic_handler
-from .settings import Settings, redact_url
-from .store import EventStore
-from .subscriber import SUBSCRIPTIONS_SERVICE, SubscriptionsServicer
-from .subscriber import generic_handler as subscriptions_handler
-from .tracing import TracingInterceptor, configure_tracing, instrument_redis, shutdown_tracing
+from activity_events import SERVICE_NAME, __version__
+from activity_events.app.embedded import EmbeddedRedis
+from activity_events.app.settings import Settings, redact_url
+from activity_events.grpc import auth, tls
+from activity_events.grpc.events import ActivityEventsServicer, generic_handler
+from activity_events.grpc.health import HealthMonitor
+from activity_events.grpc.subscriptions import SUBSCRIPTIONS_SERVICE, SubscriptionsServicer
+from activity_events.grpc.subscriptions import generic_handler as subscriptions_handler
+from activity_events.http.page import ActivityPage, start_page
+from activity_events.http.server import MetricsServer
+from activity_events.live.hub import BlockingReader, Hub, NotifiedReader, Reader
+from activity_events.observability import logs
+from activity_events.observability.grpc_metrics import AccessLogInterceptor, GrpcMetricsInterceptor
+from activity_events.observability.metrics import ServiceMetrics
+from activity_events.observability.tracing import (
+    TracingInterceptor,
+    configure_tracing,
+    instrument_redis,
+    shutdown_tracing,
+)
+from activity_events.pb import activityevents_pb2 as pb
+from activity_events.redis import connection
+from activity_events.redis.store import EventStore
 
 logger = logging.getLogger(__name__)
 

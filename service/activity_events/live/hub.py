@@ -24,10 +24,10 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
-from . import keys
-from .errors import FollowerLagged, StoreUnavailable
-from .events import Cursor, StoredEvent
-from .store import REDIS_DOWN, EventStore, _stored
+from activity_events.domain.errors import FollowerLagged, StoreUnavailable
+from activity_events.domain.events import Cursor, StoredEvent
+from activity_events.redis import keys
+from activity_events.redis.store import REDIS_DOWN, EventStore, _stored
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Operators who keep configuration in Consul put one key per setting under a
 prefix (``activity-events/redis_max_connections`` = ``12``) and point the
 server at it with ``ACTIVITY_CONSUL_PREFIX``; address and token come from
 Consul's own standard variables ``CONSUL_HTTP_ADDR`` and ``CONSUL_HTTP_TOKEN``.
-The source is read once, while :class:`~activity_events.settings.Settings` is
+The source is read once, while :class:`~activity_events.app.settings.Settings` is
 built, and sits below the environment: explicit arguments > environment >
 Consul > defaults, so a value set on a pod always wins over the shared KV.
 

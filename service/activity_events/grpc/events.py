@@ -22,8 +22,10 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from . import SERVICE_NAME, wire
-from .errors import (
+from activity_events import SERVICE_NAME
+from activity_events.app.settings import Settings
+from activity_events.codec import wire
+from activity_events.domain.errors import (
     ActivityError,
     Conflict,
     Corrupt,
@@ -35,12 +37,11 @@ from .errors import (
     ShuttingDown,
     StoreUnavailable,
 )
-from .events import Cursor, StoredEvent, validate_deployment_id, validate_new
-from .hub import ALL, Hub, Subscription, last_cursor
-from .metrics import ServiceMetrics
-from .pb import activityevents_pb2 as pb
-from .settings import Settings
-from .store import AppendResult, EventStore, Outcome
+from activity_events.domain.events import Cursor, StoredEvent, validate_deployment_id, validate_new
+from activity_events.live.hub import ALL, Hub, Subscription, last_cursor
+from activity_events.observability.metrics import ServiceMetrics
+from activity_events.pb import activityevents_pb2 as pb
+from activity_events.redis.store import AppendResult, EventStore, Outcome
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator, Callable
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
-from . import SERVICE_NAME
-from .errors import StoreUnavailable
-from .store import EventStore
+from activity_events import SERVICE_NAME
+from activity_events.domain.errors import StoreUnavailable
+from activity_events.redis.store import EventStore
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 
-from .settings import Settings
+from activity_events.app.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Hand-assembled protobuf wire format of the hot paths, checked against the protobuf runtime."""

@@ -1,0 +1,1 @@
+"""The domain model: events, cursors, limits and the errors the service raises on purpose."""

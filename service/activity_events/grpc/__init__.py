@@ -1,0 +1,1 @@
+"""The gRPC side: the call pipeline, admission control, the two services, auth, TLS and health."""

@@ -1,0 +1,1 @@
+"""The HTTP side port: metrics, probes and the activity page."""

@@ -1,0 +1,1 @@
+"""Live delivery: one blocking reader per replica fanned out to followers."""
