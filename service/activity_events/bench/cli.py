@@ -4,36 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import grpc
-
-from activity_events.bench import profiler, report
-from activity_events.bench.channels import ChannelPool
-from activity_events.bench.followers import run_follow
-from activity_events.bench.h2load import run_create_h2load
-from activity_events.bench.options import SCENARIOS, Options, for_run, resolve
+from activity_events.bench import compare, report
+from activity_events.bench.options import SCENARIOS, for_run, resolve
 from activity_events.bench.progress import Progress
-from activity_events.bench.scenarios import (
-    Context,
-    Result,
-    ScenarioError,
-    cleanup,
-    run_create,
-    run_ingest,
-    run_list,
-    run_memory,
-    run_replay,
-)
-from activity_events.bench.spawn import Spawned, SpawnError, spawn_stack
-from activity_events.bench.stats import process_rss_mb
-from activity_events.bench.subscribe import run_subscribe
+from activity_events.bench.runner import measure
+from activity_events.bench.spawn import ServerKind, Spawned, SpawnError, spawn_stack
 
 logger = logging.getLogger(__name__)
 
@@ -46,32 +29,33 @@ examples:
   activity-bench --echo create                      # the load generator's own ceiling
   activity-bench --spawn create --client h2load      # create driven by h2load (nghttp2-client)
   activity-bench --spawn --py-spy /tmp/prof create  # and profile the server meanwhile
+  activity-bench --naive create                     # the naive server (redis-py, one XADD a call)
+  activity-bench --compare --runs 3 create --client h2load
+                        # echo, naive and real server in turn per run; medians and ratios
+  activity-bench --spawn overload                   # idle writes, read storm, viewers, burst
+  activity-bench --target 10.0.0.5:50051 --metrics-url http://10.0.0.5:9464 overload \\
+      --writers 20 --readers 50 --viewers 200 --followers 200 --burst 1000
+
+overload: W writers (--writers) write for --duration s idle; then --count events are
+stored and --readers full-history ListEvents readers (h2load if installed) start while
+the writers run again; then --viewers page SSE viewers and --followers followers (in
+--processes processes) while they write again; then --burst creates at once. Needs the
+server's HTTP side port (--metrics-url; --spawn knows it).
 """
 
 # Knobs copied from the command line into Options when given.
 _KNOBS = (
     "count", "concurrency", "connections", "message_size", "deployments", "batch",
     "followers", "rate", "duration", "fill_batch", "fill_concurrency", "base", "timeout",
-    "drain_timeout", "client", "processes",
+    "drain_timeout", "client", "processes", "writers", "readers", "viewers", "burst",
 )  # fmt: skip
-
-
-SCENARIO_RUNNERS: dict[str, Callable[[Context], Awaitable[Result]]] = {
-    "create": run_create,
-    "ingest": run_ingest,
-    "list": run_list,
-    "replay": run_replay,
-    "follow": run_follow,
-    "memory": run_memory,
-    "subscribe": run_subscribe,
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="activity-bench",
         description="Benchmark an ActivityEvents server: create, ingest, list, replay, "
-        "follow and memory scenarios.",
+        "follow, memory, subscribe and overload scenarios.",
         epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -92,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--echo", action="store_true",
         help="start the in-memory echo server instead: measures the client's ceiling",
     )  # fmt: skip
+    spawn.add_argument(
+        "--naive", action="store_true",
+        help="start a private redis-server and the naive server (plain grpc.aio + redis-py, "
+        "one XADD a create) instead",
+    )  # fmt: skip
+    spawn.add_argument(
+        "--compare", action="store_true",
+        help=f"per run start the echo, the naive and the real server in turn and measure "
+        f"each; report medians and the real server's ratios ({', '.join(compare.SCENARIOS)})",
+    )  # fmt: skip
     where.add_argument(
         "--server-env", action="append", default=[], metavar="KEY=VALUE",
         help="extra environment for the spawned server (repeatable)",
@@ -104,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--redis-url", help="the server's Redis (memory; Redis connections in follow)"
     )
+    where.add_argument(
+        "--metrics-url", metavar="URL",
+        help="the server's HTTP side port, e.g. http://127.0.0.1:9464 (overload: /metrics "
+        "and the activity page); --spawn knows it",
+    )  # fmt: skip
     knobs = parser.add_argument_group("knobs (defaults depend on the scenario)")
     knobs.add_argument("--count", type=int, help="events (per deployment for list/replay/memory)")
     knobs.add_argument("--concurrency", type=int, help="calls in flight / parallel streams")
@@ -112,13 +111,24 @@ def build_parser() -> argparse.ArgumentParser:
     knobs.add_argument("--deployments", type=int, help="deployments written/read")
     knobs.add_argument(
         "--client", choices=("grpc", "h2load"),
-        help="create: load generator, grpc.aio (default) or h2load (near-zero client CPU)",
+        help="create: load generator, grpc.aio (default) or h2load (near-zero client CPU); "
+        "overload: what drives the readers (h2load when installed, else grpc)",
     )  # fmt: skip
     knobs.add_argument("--batch", type=int, help="ingest: events per CreateEvents call")
-    knobs.add_argument("--followers", type=int, help="follow: follow streams (1000)")
+    knobs.add_argument("--followers", type=int, help="follow, overload: follow streams (1000)")
     knobs.add_argument("--rate", type=float, help="follow: writer events/s (500)")
-    knobs.add_argument("--duration", type=float, help="follow: writer seconds (10)")
-    knobs.add_argument("--processes", type=int, help="follow: processes the followers run in (2)")
+    knobs.add_argument(
+        "--duration", type=float, help="follow: writer seconds (10); overload: per phase (5)"
+    )
+    knobs.add_argument(
+        "--processes", type=int, help="follow, overload: processes the followers run in (2)"
+    )
+    knobs.add_argument("--writers", type=int, help="overload: closed-loop writers (50)")
+    knobs.add_argument(
+        "--readers", type=int, help="overload: full-history ListEvents readers (100)"
+    )
+    knobs.add_argument("--viewers", type=int, help="overload: activity-page SSE viewers (1000)")
+    knobs.add_argument("--burst", type=int, help="overload: creates fired at once (3000)")
     knobs.add_argument("--fill-batch", type=int, help="batch size when preloading history")
     knobs.add_argument("--fill-concurrency", type=int, help="batches in flight when preloading")
     knobs.add_argument("--base", type=int, help="first deployment id (default: random)")
@@ -132,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
     out.add_argument(
         "--py-spy", type=Path, metavar="DIR",
-        help="with --spawn: record the server with py-spy during each run into DIR",
+        help="with --spawn (or --naive, --echo, --compare): record the server with py-spy "
+        "during each run into DIR",
     )  # fmt: skip
     out.add_argument(
         "--py-spy-native", action="store_true", help="with --py-spy: unwind C frames too"
@@ -151,133 +162,65 @@ def _pairs(pairs: list[str], flag: str) -> dict[str, str]:
     return found
 
 
-async def _run_once(
-    options: Options,
-    progress: Progress,
-    pids: dict[str, int],
-    keep: bool,
-    recorder: profiler.Recorder | None = None,
-) -> report.Result:
-    pool = ChannelPool(options.target, options.connections)
-    ctx = Context(options, pool, progress, pids)
-    if recorder is not None:
-        ctx.on_measure_start, ctx.on_measure_stop = recorder.start, recorder.stop
-    progress.start()
-    try:
-        await pool.ready(options.timeout)
-        if options.scenario == "create" and options.client == "h2load":
-            result = await run_create_h2load(ctx)
-        else:
-            result = await SCENARIO_RUNNERS[options.scenario](ctx)
-    except (ScenarioError, grpc.aio.AioRpcError, TimeoutError) as exc:
-        message = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
-        code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
-        result = {"error": f"{code}: {message or 'timed out'}"}
-    finally:
-        await progress.stop()
-        try:
-            if not keep:
-                with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError):
-                    await cleanup(ctx)
-        finally:
-            await pool.close()
-    return result
-
-
-def cpu_per_event(result: report.Result) -> dict[str, float]:
-    """CPU µs per event of each process measured: ``<role>_cpu_us_per_event``.
-
-    Throughput on a shared machine depends on what else runs; CPU spent per
-    event hardly does, and 1e6 / µs is the events/s one core could carry.
-    """
-    events, seconds = result.get("events"), result.get("seconds")
-    if not isinstance(events, int) or events <= 0 or not isinstance(seconds, int | float):
-        return {}
-    fields = {}
-    for role in ("client", "server", "redis"):
-        pct = result.get(f"{role}_cpu_pct")
-        if isinstance(pct, int | float):
-            fields[f"{role}_cpu_us_per_event"] = round(pct / 100.0 * seconds / events * 1e6, 2)
-    return fields
-
-
-def _describe(options: Options, run: int, server: str) -> report.Result:
-    """The knobs that produced a result, in front of its figures."""
-    fields: report.Result = {
-        "scenario": options.scenario,
-        "run": run,
-        "target": options.target,
-        "server": server,
-        "count": options.count,
-        "concurrency": options.concurrency,
-        "connections": options.connections,
-        "message_size": options.message_size,
-        "deployments": options.deployments,
-        "base": options.base,
-    }
-    if options.scenario == "create":
-        fields["client"] = options.client
-    if options.scenario == "ingest":
-        fields["batch"] = options.batch
-    if options.scenario == "follow":
-        fields.update(rate=options.rate, duration=options.duration, processes=options.processes)
-    return fields
+def _server_kind(args: argparse.Namespace) -> ServerKind | None:
+    """What this tool starts for a plain run: the real server, echo, naive, or nothing."""
+    if args.spawn:
+        return "spawn"
+    if args.echo:
+        return "echo"
+    if args.naive:
+        return "naive"
+    return None
 
 
 async def _bench(args: argparse.Namespace, uvloop_on: bool) -> int:
-    scenarios = list(SCENARIOS) if "all" in args.scenarios else list(dict.fromkeys(args.scenarios))
+    every = compare.SCENARIOS if args.compare else SCENARIOS
+    scenarios = list(every) if "all" in args.scenarios else list(dict.fromkeys(args.scenarios))
     given = {knob: getattr(args, knob) for knob in _KNOBS}
+    server_env = _pairs(args.server_env, "--server-env")
+    redis_config = _pairs(args.redis_config, "--redis-config")
+    progress = Progress(enabled=False if args.no_progress else None)
+    if args.py_spy:
+        args.py_spy.mkdir(parents=True, exist_ok=True)
+    if args.compare:
+        return await _compare(
+            args,
+            scenarios,
+            given,
+            progress,
+            server_env=server_env,
+            redis_config=redis_config,
+            uvloop_on=uvloop_on,
+        )
     out = sys.stdout
+    kind = _server_kind(args)
     spawned: Spawned | None = None
     results: list[report.Result] = []
     failures = 0
     try:
-        if args.spawn or args.echo:
-            spawned = await spawn_stack(
-                echo=args.echo,
-                server_env=_pairs(args.server_env, "--server-env"),
-                redis_config=_pairs(args.redis_config, "--redis-config"),
-            )
-            print(
-                "spawned "
-                + ", ".join(f"{c.role} pid {c.pid}" for c in spawned.children)
-                + f"; server ready in {spawned.startup_s}s (logs in {spawned.workdir})",
-                file=sys.stderr,
-            )
+        if kind is not None:
+            spawned = await spawn_stack(kind=kind, server_env=server_env, redis_config=redis_config)
+            print(spawned.summary(), file=sys.stderr)
         target = spawned.target if spawned else (args.target or f"{args.address}:{args.port}")
         redis_url = args.redis_url or (spawned.redis_url if spawned else None)
-        pids = spawned.pids() if spawned else {}
-        server = "echo" if args.echo else "spawn" if args.spawn else "external"
-        progress = Progress(enabled=False if args.no_progress else None)
-        if args.py_spy:
-            args.py_spy.mkdir(parents=True, exist_ok=True)
+        metrics_url = args.metrics_url or (spawned.metrics_url if spawned else None)
+        server = kind or "external"
         for scenario in scenarios:
             first = resolve(scenario, given, target=target)
-            first = Options(**{**first.__dict__, "redis_url": redis_url, "uvloop": uvloop_on})
+            first = replace(first, redis_url=redis_url, metrics_url=metrics_url, uvloop=uvloop_on)
             runs = []
             for run in range(max(1, args.runs)):
-                options = for_run(first, run)
-                recorder = None
-                if args.py_spy and "server" in pids:
-                    recorder = profiler.Recorder(
-                        pids["server"],
-                        args.py_spy / f"{scenario}-{run + 1}.folded",
-                        native=args.py_spy_native,
-                    )
-                try:
-                    figures = await _run_once(options, progress, pids, args.keep, recorder)
-                finally:
-                    if recorder is not None:
-                        recorder.stop()
-                        print(profiler.summary(recorder.output), file=sys.stderr)
-                result = {**_describe(options, run + 1, server), **figures}
-                result.update(cpu_per_event(result))
-                result["uvloop"] = uvloop_on
-                if spawned is not None:
-                    result["server_startup_s"] = spawned.startup_s
-                    result["server_rss_mb_at_start"] = spawned.startup_rss_mb
-                    if "server" in pids:
-                        result["server_rss_mb"] = process_rss_mb(pids["server"])
+                profile = args.py_spy / f"{scenario}-{run + 1}.folded" if args.py_spy else None
+                result = await measure(
+                    for_run(first, run),
+                    run + 1,
+                    server,
+                    spawned,
+                    progress,
+                    keep=args.keep,
+                    profile=profile,
+                    native=args.py_spy_native,
+                )
                 failures += "error" in result
                 runs.append(result)
                 results.append(result)
@@ -296,6 +239,53 @@ async def _bench(args: argparse.Namespace, uvloop_on: bool) -> int:
             spawned.stop()
     print(report.table(results), file=sys.stderr if args.json else out)
     return 1 if failures else 0
+
+
+async def _compare(
+    args: argparse.Namespace,
+    scenarios: list[str],
+    given: dict[str, Any],
+    progress: Progress,
+    *,
+    server_env: dict[str, str],
+    redis_config: dict[str, str],
+    uvloop_on: bool,
+) -> int:
+    """``--compare``: each scenario against echo, naive and the real server, interleaved."""
+    unfit = [s for s in scenarios if s not in compare.SCENARIOS]
+    if unfit:
+        print(
+            f"activity-bench: --compare runs {', '.join(compare.SCENARIOS)}; "
+            f"not {', '.join(unfit)}",
+            file=sys.stderr,
+        )
+        return 2
+    out = sys.stdout
+
+    def emit(result: report.Result) -> None:
+        if args.json:
+            report.emit_json(result, out)
+
+    comparing = compare.Comparison(
+        progress,
+        emit,
+        keep=args.keep,
+        server_env=server_env,
+        redis_config=redis_config,
+        profile_dir=args.py_spy,
+        native=args.py_spy_native,
+    )
+    for scenario in scenarios:
+        # The target is a placeholder: each server started gets its own port.
+        first = replace(resolve(scenario, given, target="-"), uvloop=uvloop_on)
+        await comparing.scenario(first, args.runs)
+    text = (
+        report.table(comparing.results)
+        + "\n"
+        + "\n".join(compare.summary(c) for c in comparing.comparisons)
+    )
+    print(text, file=sys.stderr if args.json else out)
+    return 1 if comparing.failures else 0
 
 
 def _runner(use_uvloop: bool) -> tuple[asyncio.Runner, bool]:

@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 _POLL_S = 0.05
 _SAMPLE_S = 0.5
 _SETTLE_TIMEOUT_S = 60.0
+_READY_SLACK_S = 30.0  # start-up of a spawned interpreter, on top of settling
 _WORKER_EXIT_S = 10.0
 _SAMPLER_NAME = "activity-bench"
 
@@ -66,10 +67,14 @@ class Follower:
 
 
 class FollowerGroup:
-    """The followers of one process, their latency samples and their outcome."""
+    """The followers of one process, their latency samples and their outcome.
 
-    def __init__(self, deployments: list[int]) -> None:
+    ``after`` is the cursor the followers start after ("": the whole history).
+    """
+
+    def __init__(self, deployments: list[int], after: str = "") -> None:
         self.followers = [Follower(d) for d in deployments]
+        self.after = after
         self.settled = 0
         self._all_settled = asyncio.Event()
         self.xadd_ms: array[float] = array("d")
@@ -91,7 +96,9 @@ class FollowerGroup:
             self._all_settled.set()
 
     async def _follow(self, stub: Any, follower: Follower) -> None:
-        request = pb.WatchEventsRequest(deployment_id=follower.deployment, follow=True)
+        request = pb.WatchEventsRequest(
+            deployment_id=follower.deployment, follow=True, after=self.after
+        )
         call = stub.WatchEvents(request)
         received, xadd, receive, send = (
             follower.received,
@@ -166,16 +173,19 @@ class FollowerGroup:
 
 
 @dataclass(frozen=True)
-class _WorkerPlan:
+class WorkerPlan:
+    """What one follower process does: ``deployments`` holds one entry per follower."""
+
     target: str
     connections: int
     deployments: list[int]
     timeout: float
     drain_timeout: float
     uvloop: bool
+    after: str = ""
 
 
-def _worker_main(plan: _WorkerPlan, conn: Connection) -> None:
+def _worker_main(plan: WorkerPlan, conn: Connection) -> None:
     """Entry point of a follower process (spawned: it shares no gRPC state with the parent)."""
     runner = asyncio.Runner()
     if plan.uvloop:
@@ -200,9 +210,9 @@ async def _recv(conn: Connection, seconds: float) -> Any:
     return conn.recv()
 
 
-async def _worker(plan: _WorkerPlan, conn: Connection) -> None:
+async def _worker(plan: WorkerPlan, conn: Connection) -> None:
     pool = ChannelPool(plan.target, plan.connections)
-    group = FollowerGroup(plan.deployments)
+    group = FollowerGroup(plan.deployments, plan.after)
     try:
         await pool.ready(plan.timeout)
         group.start(pool.stub)
@@ -226,6 +236,11 @@ async def _worker(plan: _WorkerPlan, conn: Connection) -> None:
         cpu_s=cpu,
     )
     conn.send(("result", result))
+
+
+def ready_timeout(call_timeout: float) -> float:
+    """How long a follower process may take to start and settle its followers."""
+    return max(call_timeout, _SETTLE_TIMEOUT_S) + _READY_SLACK_S
 
 
 # --- the scenario -------------------------------------------------------------------
@@ -380,52 +395,57 @@ async def run_follow(ctx: Context) -> Result:
     }
 
 
-async def _follow_in_processes(
-    ctx: Context, processes: int, writer_pool: ChannelPool, expected: dict[int, set[str]]
-) -> tuple[dict[str, Any], list[dict[str, Any]], tuple[array[float], ...], float]:
-    """Followers in worker processes; the writer here. Returns write, parts, samples, CPU s."""
-    o = ctx.options
-    ids = o.deployment_ids
-    mp = multiprocessing.get_context("spawn")
-    workers: list[tuple[Any, Connection]] = []
-    try:
-        for index in range(processes):
-            plan = _WorkerPlan(
-                target=o.target,
-                connections=max(1, o.connections // processes),
-                deployments=[ids[k % len(ids)] for k in range(index, o.followers, processes)],
-                timeout=o.timeout,
-                drain_timeout=o.drain_timeout,
-                uvloop=o.uvloop,
-            )
+class FollowerProcesses:
+    """Followers in spawned worker processes (never forked, as gRPC requires), one
+    `WorkerPlan` each; this process only talks to them over pipes.
+
+    `start` returns once every process has its followers caught up (or ended);
+    `finish` hands them the cursors the writer stored and collects what they
+    received; `close` (in ``finally``) ends the processes by their handles.
+    """
+
+    def __init__(self, plans: list[WorkerPlan]) -> None:
+        self.plans = plans
+        self._workers: list[tuple[Any, Connection]] = []
+
+    async def start(self, seconds: float) -> None:
+        """Starts the processes and waits up to ``seconds`` for each to be ready."""
+        mp = multiprocessing.get_context("spawn")
+        for plan in self.plans:
             ours, theirs = mp.Pipe()
             process = mp.Process(target=_worker_main, args=(plan, theirs), daemon=True)
             process.start()
             theirs.close()
-            workers.append((process, ours))
-        for _, conn in workers:
-            kind, payload = await _recv(conn, max(o.timeout, _SETTLE_TIMEOUT_S) + 30.0)
+            self._workers.append((process, ours))
+        for _, conn in self._workers:
+            kind, payload = await _recv(conn, seconds)
             if kind != "ready":
                 raise ScenarioError(f"follower process failed: {payload}")
-        await writer_pool.ready(o.timeout)
-        write = await _write_at_rate(ctx, writer_pool, expected)
+
+    async def finish(
+        self, expected: dict[int, set[str]], seconds: float
+    ) -> tuple[list[dict[str, Any]], tuple[array[float], ...], float]:
+        """Each process's outcome against ``expected`` (waiting up to ``seconds``
+        for each), the latency samples (XADD, receive, send) of all, and their
+        CPU seconds since `start`."""
         plain = {d: sorted(cursors) for d, cursors in expected.items()}
-        for _, conn in workers:
+        for _, conn in self._workers:
             conn.send(("expected", plain))
         parts = []
         samples: tuple[array[float], ...] = (array("d"), array("d"), array("d"))
         cpu = 0.0
-        for _, conn in workers:
-            kind, payload = await _recv(conn, o.drain_timeout + 60.0)
+        for _, conn in self._workers:
+            kind, payload = await _recv(conn, seconds)
             if kind != "result":
                 raise ScenarioError(f"follower process failed: {payload}")
             for target, name in zip(samples, ("xadd_ms", "receive_ms", "send_ms"), strict=True):
                 target.frombytes(payload.pop(name))
             cpu += payload.pop("cpu_s")
             parts.append(payload)
-        return write, parts, samples, cpu
-    finally:
-        for process, conn in workers:
+        return parts, samples, cpu
+
+    def close(self) -> None:
+        for process, conn in self._workers:
             conn.close()
             process.join(_WORKER_EXIT_S)
             if process.is_alive():
@@ -434,3 +454,32 @@ async def _follow_in_processes(
             if process.is_alive():
                 process.kill()
                 process.join(5)
+
+
+async def _follow_in_processes(
+    ctx: Context, processes: int, writer_pool: ChannelPool, expected: dict[int, set[str]]
+) -> tuple[dict[str, Any], list[dict[str, Any]], tuple[array[float], ...], float]:
+    """Followers in worker processes; the writer here. Returns write, parts, samples, CPU s."""
+    o = ctx.options
+    ids = o.deployment_ids
+    workers = FollowerProcesses(
+        [
+            WorkerPlan(
+                target=o.target,
+                connections=max(1, o.connections // processes),
+                deployments=[ids[k % len(ids)] for k in range(index, o.followers, processes)],
+                timeout=o.timeout,
+                drain_timeout=o.drain_timeout,
+                uvloop=o.uvloop,
+            )
+            for index in range(processes)
+        ]
+    )
+    try:
+        await workers.start(ready_timeout(o.timeout))
+        await writer_pool.ready(o.timeout)
+        write = await _write_at_rate(ctx, writer_pool, expected)
+        parts, samples, cpu = await workers.finish(expected, o.drain_timeout + 60.0)
+        return write, parts, samples, cpu
+    finally:
+        workers.close()

@@ -3,7 +3,10 @@
 Defaults are the sizes the performance targets are stated at (issue 9):
 create with 64 concurrent calls, replay of a 100k-event deployment, 1,000
 followers over 10 deployments with a writer at 500 events/s, memory of 100k
-32-byte events. Anything given on the command line overrides them.
+32-byte events; overload at the load it is meant to survive (50 writers, 100
+full-history readers of 200k events, 1,000 page viewers plus 1,000 followers,
+a burst of 3,000 creates; see `activity_events.bench.overload`). Anything
+given on the command line overrides them.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from typing import Any
 
 from activity_events.bench.subscribe import SCENARIO_DEFAULTS as SUBSCRIBE_DEFAULTS
 
-SCENARIOS = ("create", "ingest", "list", "replay", "follow", "memory", "subscribe")
+SCENARIOS = (
+    "create", "ingest", "list", "replay", "follow", "memory", "subscribe", "overload",
+)  # fmt: skip
 
 # Deployment ids are int32; scenarios draw a random base in this range so that
 # concurrent or repeated runs (and other users of a shared server) never share
@@ -46,6 +51,18 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "memory": {"count": 100_000, "concurrency": 4, "connections": 2, "deployments": 1},
     # durable subscriptions: `concurrency` consumers acknowledging (bench_subscribe.py)
     "subscribe": dict(SUBSCRIBE_DEFAULTS),
+    # overload: `count` events of history for the readers, `connections` writer channels;
+    # concurrency is unused (writers, readers, viewers, followers and burst size the load).
+    # Readers are driven by h2load when it is installed (grpc.aio readers otherwise).
+    "overload": {
+        "count": 200_000,
+        "concurrency": 0,
+        "connections": 4,
+        "deployments": 1,
+        "duration": 5.0,
+        "processes": 2,
+        "client": "h2load",
+    },
 }
 
 COMMON_DEFAULTS: dict[str, Any] = {
@@ -57,6 +74,10 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "fill_batch": 1000,
     "fill_concurrency": 4,
     "processes": 1,
+    "writers": 50,
+    "readers": 100,
+    "viewers": 1000,
+    "burst": 3000,
 }
 
 
@@ -78,7 +99,12 @@ class Options:
     fill_batch: int
     fill_concurrency: int
     base: int
+    writers: int
+    readers: int
+    viewers: int
+    burst: int
     redis_url: str | None = None
+    metrics_url: str | None = None
     timeout: float = 30.0
     drain_timeout: float = 10.0
     cleanup: bool = True

@@ -23,6 +23,18 @@ _NOTES: dict[str, tuple[str, ...]] = {
         "server_rss_mb_max",
     ),
     "memory": ("bytes_per_event", "protobuf_bytes_per_event", "ratio_to_protobuf"),
+    "overload": (
+        "storm_write_ratio",
+        "readers_ok",
+        "readers_resource_exhausted",
+        "readers_running",
+        "health_not_serving",
+        "rss_max_mb",
+        "viewers_open",
+        "followers_open",
+        "viewer_write_ratio",
+        "burst_codes",
+    ),
 }
 
 
@@ -52,20 +64,23 @@ def median_result(runs: list[Result]) -> Result:
     return merged
 
 
-def _cell(value: Any) -> str:
+def cell(value: Any) -> str:
+    """A number or value as the table shows it (thousands separated, ~3 digits)."""
     if value is None:
         return "-"
     if isinstance(value, float):
         return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.3g}"
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
+    if isinstance(value, dict):  # counts by code: OK:2000,RESOURCE_EXHAUSTED:1000
+        return ",".join(f"{key}:{count}" for key, count in value.items()) or "-"
     return str(value)
 
 
 def table(results: list[Result]) -> str:
     """A fixed-column table, one row per result."""
     header = [
-        "scenario", "run", "events", "seconds", "events/s", "p50 ms", "p99 ms",
+        "scenario", "server", "run", "events", "seconds", "events/s", "p50 ms", "p99 ms",
         "client%", "server%", "redis%", "notes",
     ]  # fmt: skip
     rows = [header]
@@ -74,20 +89,21 @@ def table(results: list[Result]) -> str:
             notes = f"ERROR: {r['error']}"
         else:
             notes = " ".join(
-                f"{key}={_cell(r.get(key))}" for key in _NOTES.get(r["scenario"], ()) if key in r
+                f"{key}={cell(r.get(key))}" for key in _NOTES.get(r["scenario"], ()) if key in r
             )
         rows.append(
             [
                 r["scenario"],
-                _cell(r.get("run")),
-                _cell(r.get("events")),
-                _cell(r.get("seconds")),
-                _cell(r.get("events_per_s")),
-                _cell(r.get("p50_ms")),
-                _cell(r.get("p99_ms")),
-                _cell(r.get("client_cpu_pct")),
-                _cell(r.get("server_cpu_pct")),
-                _cell(r.get("redis_cpu_pct")),
+                cell(r.get("server")),
+                cell(r.get("run")),
+                cell(r.get("events")),
+                cell(r.get("seconds")),
+                cell(r.get("events_per_s")),
+                cell(r.get("p50_ms")),
+                cell(r.get("p99_ms")),
+                cell(r.get("client_cpu_pct")),
+                cell(r.get("server_cpu_pct")),
+                cell(r.get("redis_cpu_pct")),
                 notes,
             ]
         )
@@ -95,8 +111,8 @@ def table(results: list[Result]) -> str:
     lines = []
     for row in rows:
         cells = [
-            cell.rjust(width) if i >= 2 else cell.ljust(width)
-            for i, (cell, width) in enumerate(zip(row, widths, strict=False))
+            text.rjust(width) if i >= 3 else text.ljust(width)
+            for i, (text, width) in enumerate(zip(row, widths, strict=False))
         ]
         lines.append("  ".join([*cells, row[-1]]).rstrip())
     return "\n".join(lines)

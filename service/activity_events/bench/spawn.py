@@ -1,11 +1,14 @@
-"""Private processes for a self-contained run: redis-server, the server, the echo server.
+"""Private processes for a self-contained run: redis-server, the server, echo, naive.
 
 ``--spawn`` starts a redis-server on a free port in a temporary directory
 (AOF with ``appendfsync everysec``, as the performance targets specify, no
-RDB snapshots) and an ``activity-server`` pointed at it; ``--echo`` starts the
-in-memory echo server instead. Every process is started here, its output goes
-to a log file in the temporary directory (a full pipe would stall it), and
-`Spawned.stop` ends each one by its PID: SIGTERM, then SIGKILL after a grace.
+RDB snapshots) and an ``activity-server`` pointed at it, its HTTP side port
+(/metrics, the activity page) on a free port of its own; ``--echo`` starts the
+in-memory echo server instead, ``--naive`` such a redis-server and the naive
+server (`activity_events.bench.naive`). Every process is started here, its
+output goes to a log file in the temporary directory (a full pipe would stall
+it), and `Spawned.stop` ends each one by its PID: SIGTERM, then SIGKILL after
+a grace.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import grpc
 import redis.asyncio as aioredis
@@ -35,6 +39,11 @@ logger = logging.getLogger(__name__)
 _READY_TIMEOUT_S = 20.0
 _POLL_S = 0.05
 _STOP_GRACE_S = 15.0
+
+
+ServerKind = Literal["spawn", "echo", "naive"]
+"""What `spawn_stack` starts: the real server, the echo server or the naive server
+(also the ``server`` field of results)."""
 
 
 class SpawnError(RuntimeError):
@@ -86,9 +95,15 @@ class Spawned:
     target: str
     workdir: Path
     redis_url: str | None = None
+    metrics_url: str | None = None
     children: list[Child] = field(default_factory=list)
     startup_s: float | None = None
     startup_rss_mb: float | None = None
+
+    def summary(self) -> str:
+        """The line announcing what was started (PIDs, start-up time, where the logs are)."""
+        started = ", ".join(f"{c.role} pid {c.pid}" for c in self.children)
+        return f"spawned {started}; server ready in {self.startup_s}s (logs in {self.workdir})"
 
     def pids(self) -> dict[str, int]:
         """Role -> PID of the running children (for CPU and RSS accounting)."""
@@ -199,49 +214,61 @@ async def spawn_redis(workdir: Path, config: dict[str, str] | None = None) -> tu
 
 async def spawn_stack(
     *,
-    echo: bool,
+    kind: ServerKind,
     server_env: dict[str, str] | None = None,
     redis_config: dict[str, str] | None = None,
 ) -> Spawned:
-    """Starts Redis + server (or the echo server) and waits until they serve.
+    """Starts Redis + server, the echo server, or Redis + the naive server, and
+    waits until they serve.
 
-    The caller must call `Spawned.stop` in ``finally``; on failure here,
-    whatever was started is stopped before the error propagates.
+    ``server_env`` applies to the real server only, ``redis_config`` to every
+    Redis started. The caller must call `Spawned.stop` in ``finally``; on
+    failure here, whatever was started is stopped before the error propagates.
     """
     workdir = Path(tempfile.mkdtemp(prefix="activity-bench-"))
     port = free_port()
     spawned = Spawned(target=f"127.0.0.1:{port}", workdir=workdir)
     try:
-        if echo:
+        env: dict[str, str] | None = None
+        if kind == "echo":
             argv = [sys.executable, "-m", "activity_events.bench.echo", "--port", str(port)]
-            started = time.perf_counter()
-            child = _start("server", argv, workdir)
-            spawned.children.append(child)
-            await _wait_serving(child, spawned.target, health=False)
         else:
-            redis_child, spawned.redis_url = await spawn_redis(workdir, redis_config)
+            redis_child, redis_url = await spawn_redis(workdir, redis_config)
             spawned.children.append(redis_child)
-            env = dict(os.environ)
-            env.update(
-                {
-                    "ACTIVITY_REDIS_URL": spawned.redis_url,
-                    "ACTIVITY_PORT": str(port),
-                    "PORT": str(port),
-                    "ACTIVITY_HOST": "127.0.0.1",
-                    "ACTIVITY_METRICS_PORT": "0",
-                    "ACTIVITY_METRICS_HOST": "127.0.0.1",
-                }
-            )
-            env.update(server_env or {})
-            argv = [sys.executable, "-c", "from activity_events.app.server import main; main()"]
-            started = time.perf_counter()
-            child = _start("server", argv, workdir, env)
-            spawned.children.append(child)
-            await _wait_serving(child, spawned.target, health=True)
+            spawned.redis_url = redis_url
+            if kind == "naive":
+                argv = [
+                    sys.executable, "-m", "activity_events.bench.naive",
+                    "--port", str(port), "--redis-url", redis_url,
+                ]  # fmt: skip
+            else:
+                env = dict(os.environ)
+                env.update(
+                    {
+                        "ACTIVITY_REDIS_URL": redis_url,
+                        "ACTIVITY_PORT": str(port),
+                        "PORT": str(port),
+                        "ACTIVITY_HOST": "127.0.0.1",
+                        # A known port (not 0) so that overload can scrape /metrics.
+                        "ACTIVITY_METRICS_PORT": str(free_port()),
+                        "ACTIVITY_METRICS_HOST": "127.0.0.1",
+                    }
+                )
+                env.update(server_env or {})
+                if env["ACTIVITY_METRICS_PORT"] != "0":  # --server-env may pick its own
+                    spawned.metrics_url = f"http://127.0.0.1:{env['ACTIVITY_METRICS_PORT']}"
+                argv = [
+                    sys.executable, "-c", "from activity_events.app.server import main; main()",
+                ]  # fmt: skip
+        started = time.perf_counter()
+        child = _start("server", argv, workdir, env)
+        spawned.children.append(child)
+        # The echo server has no health service: a connection is all it can show.
+        await _wait_serving(child, spawned.target, health=kind != "echo")
         spawned.startup_s = round(time.perf_counter() - started, 3)
         spawned.startup_rss_mb = process_rss_mb(child.pid)
     except BaseException:
         spawned.stop()
         raise
-    logger.info("spawned %s", ", ".join(f"{c.role} pid {c.pid}" for c in spawned.children))
+    logger.info("%s", spawned.summary())
     return spawned
