@@ -37,7 +37,7 @@ import pytest
 import redis.asyncio as redis_asyncio
 from prometheus_client import CollectorRegistry
 
-from activity_events.app.server import Application
+from activity_events.app.lifecycle import Application
 from activity_events.app.settings import Settings
 from activity_events.pb import activityevents_pb2_grpc as pb_grpc
 from tests.support.redis_process import RedisProcess

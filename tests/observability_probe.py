@@ -1,7 +1,7 @@
-"""A throwaway gRPC service with all four RPC types, for testing interceptors on a real server.
+"""A throwaway gRPC service with all four RPC types, for testing the call pipeline on a real server.
 
-The interceptors must work for any handler, not only the service's own, so
-their tests run them on a real ``grpc.aio`` server (port 0) serving this
+The pipeline must work for any handler, not only the service's own, so its
+observability tests run it on a real ``grpc.aio`` server (port 0) serving this
 ``probe.Probe`` service next to the real health servicer. Requests and
 responses are ``google.protobuf.StringValue``; the request's value tells the
 handler what to do:
@@ -9,20 +9,29 @@ handler what to do:
 - ``"ok"``: answer normally (streams send ``n`` messages for ``"ok:n"``);
 - ``"abort:CODE"``: ``context.abort`` with ``grpc.StatusCode.CODE`` (streams
   after one message);
-- ``"raise"``: raise an unexpected exception (grpc answers UNKNOWN);
+- ``"raise"``: raise an unexpected exception (the pipeline answers INTERNAL);
 - ``"hang"``: wait (bounded, 30 s) so the client can cancel or time out.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, wrappers_pb2
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
+
+from activity_events.app.settings import Settings
+from activity_events.grpc.admission import Admission, CallClass
+from activity_events.grpc.health import POLICIES as HEALTH_POLICIES
+from activity_events.grpc.pipeline import Pipeline, Policy
+from activity_events.grpc.watchdog import StreamWatchdog
+from activity_events.observability.grpc_metrics import GrpcServerMetrics
+from activity_events.observability.tracing import ServerTracing
 
 SERVICE = "probe.Probe"
 HANG_SECONDS = 30.0
@@ -105,22 +114,23 @@ async def _bidi(
         yield wrappers_pb2.StringValue(value=request.value)
 
 
-def probe_handler() -> grpc.GenericRpcHandler:
+def probe_handlers() -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
     """The ``probe.Probe`` handlers (async, streaming ones as async generators)."""
     _probe_descriptor()
     kwargs = {
         "request_deserializer": wrappers_pb2.StringValue.FromString,
         "response_serializer": wrappers_pb2.StringValue.SerializeToString,
     }
-    return grpc.method_handlers_generic_handler(
-        SERVICE,
-        {
-            "Unary": grpc.unary_unary_rpc_method_handler(_unary, **kwargs),
-            "ServerStream": grpc.unary_stream_rpc_method_handler(_server_stream, **kwargs),
-            "ClientStream": grpc.stream_unary_rpc_method_handler(_client_stream, **kwargs),
-            "Bidi": grpc.stream_stream_rpc_method_handler(_bidi, **kwargs),
-        },
-    )
+    return {
+        "Unary": grpc.unary_unary_rpc_method_handler(_unary, **kwargs),
+        "ServerStream": grpc.unary_stream_rpc_method_handler(_server_stream, **kwargs),
+        "ClientStream": grpc.stream_unary_rpc_method_handler(_client_stream, **kwargs),
+        "Bidi": grpc.stream_stream_rpc_method_handler(_bidi, **kwargs),
+    }
+
+
+PROBE_POLICIES = {name: Policy(CallClass.READS, role=None) for name, _, _ in METHODS}
+"""Open, in the reads budget: the probe tests observability, not auth or admission."""
 
 
 def probe_services() -> list[ServiceDescriptor]:
@@ -129,15 +139,33 @@ def probe_services() -> list[ServiceDescriptor]:
 
 
 class ProbeServer:
-    """A started aio server with the probe service and the real health servicer."""
+    """A started aio server with the probe service and the real health servicer,
+    every method registered through the call pipeline (metrics on ``registry``,
+    spans through ``tracing``)."""
 
-    def __init__(self, interceptors: Sequence[grpc.aio.ServerInterceptor]) -> None:
-        self.server = grpc.aio.server(
-            interceptors=list(interceptors), options=[("grpc.so_reuseport", 0)]
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        tracing: ServerTracing | None = None,
+        stall_seconds: float = 30.0,
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self.pipeline = Pipeline(
+            admission=Admission(Settings()),
+            metrics=GrpcServerMetrics(self.registry),
+            watchdog=StreamWatchdog(stall_seconds),
+            tracing=tracing,
         )
         self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.server.add_generic_rpc_handlers((probe_handler(),))
+        self.pipeline.add(
+            self.server,
+            health_pb2_grpc.add_HealthServicer_to_server,
+            self.health,
+            HEALTH_POLICIES,
+        )
+        self.pipeline.add_handlers(self.server, SERVICE, probe_handlers(), PROBE_POLICIES)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.channel: grpc.aio.Channel | None = None
 
@@ -151,6 +179,7 @@ class ProbeServer:
         if self.channel is not None:
             await self.channel.close()
         await self.server.stop(grace=1.0)
+        await self.pipeline.watchdog.stop()
 
     def call(self, method: str, streaming_request: bool, streaming_response: bool) -> Any:
         """A multicallable for ``probe.Probe/<method>`` on this server."""

@@ -151,14 +151,14 @@ def no_consul_from_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_settings_come_from_the_prefix_with_types(consul: FakeConsul) -> None:
-    consul.put(f"{PREFIX}/redis_max_connections", "12")
+    consul.put(f"{PREFIX}/redis_read_connections", "12")
     consul.put(f"{PREFIX}/grace_seconds", "4.5")
     consul.put(f"{PREFIX}/reflection", "false")
     consul.put(f"{PREFIX}/log_level", "debug")
     consul.put(f"{PREFIX}/PORT", "50123")
     consul.put(f"{PREFIX}/redis-url", "redis://redis.service.consul:6379/1")
     settings = Settings()
-    assert settings.redis_max_connections == 12
+    assert settings.redis_read_connections == 12
     assert settings.grace_seconds == 4.5
     assert settings.reflection is False
     assert settings.log_level == "DEBUG"
@@ -174,18 +174,18 @@ def test_settings_come_from_the_prefix_with_types(consul: FakeConsul) -> None:
 def test_precedence_init_over_env_over_consul_over_defaults(
     consul: FakeConsul, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    consul.put(f"{PREFIX}/redis_max_connections", "12")
+    consul.put(f"{PREFIX}/redis_read_connections", "12")
     consul.put(f"{PREFIX}/max_batch", "50")
     consul.put(f"{PREFIX}/port", "50123")
-    monkeypatch.setenv("ACTIVITY_REDIS_MAX_CONNECTIONS", "3")
+    monkeypatch.setenv("ACTIVITY_REDIS_READ_CONNECTIONS", "3")
     monkeypatch.setenv("PORT", "50124")
     settings = Settings()
-    assert settings.redis_max_connections == 3  # environment beats Consul
+    assert settings.redis_read_connections == 3  # environment beats Consul
     assert settings.port == 50124  # legacy PORT in the environment beats Consul
     assert settings.max_batch == 50  # Consul beats the default
     assert settings.page_size == Settings.model_fields["page_size"].default
-    explicit = Settings(redis_max_connections=2, port=0)
-    assert explicit.redis_max_connections == 2  # explicit arguments beat everything
+    explicit = Settings(redis_read_connections=2, port=0)
+    assert explicit.redis_read_connections == 2  # explicit arguments beat everything
     assert explicit.port == 0
 
 
@@ -230,8 +230,8 @@ def test_consul_cannot_move_consul(consul: FakeConsul, caplog: pytest.LogCapture
 
 
 def test_invalid_value_names_the_setting(consul: FakeConsul) -> None:
-    consul.put(f"{PREFIX}/redis_max_connections", "many")
-    with pytest.raises(ValidationError, match="redis_max_connections"):
+    consul.put(f"{PREFIX}/redis_read_connections", "many")
+    with pytest.raises(ValidationError, match="redis_read_connections"):
         Settings()
 
 

@@ -30,6 +30,7 @@ import pytest
 import redis.asyncio as redis_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from activity_events.grpc.admission import CallClass, StreamKind
 from activity_events.pb import activityevents_pb2 as pb
 from activity_events.pb import activityevents_pb2_grpc as pb_grpc
 from tests.support.redis_process import RedisProcess
@@ -486,15 +487,15 @@ async def test_deadlines_are_honoured_and_abandoned_calls_release_their_slot(
     try:
         await asyncio.gather(*(create(n) for n in range(40)))
         for _ in range(50):  # the server cancels the handlers: their slots free up
-            if app.servicer.unary_limit.active == 0:
+            if app.admission.classes[CallClass.WRITES].active == 0:
                 break
             await asyncio.sleep(0.02)
-        active_after = app.servicer.unary_limit.active
+        active_after = app.admission.classes[CallClass.WRITES].active
     finally:
         redis.resume()
     await asyncio.gather(*(follow(n) for n in range(40)))
     for _ in range(50):
-        if app.hub.follower_count == 0 and app.servicer.follower_limit.active == 0:
+        if app.hub.follower_count == 0 and app.admission.kinds[StreamKind.FOLLOWERS].active == 0:
             break
         await asyncio.sleep(0.02)
     record(
@@ -510,7 +511,7 @@ async def test_deadlines_are_honoured_and_abandoned_calls_release_their_slot(
     assert max(durations) < 0.05 + 0.25, sorted(durations)[-5:]
     assert active_after == 0, "handlers kept running after their deadline"
     assert app.hub.follower_count == 0
-    assert app.servicer.follower_limit.active == 0
+    assert app.admission.kinds[StreamKind.FOLLOWERS].active == 0
 
 
 async def redis_clients(url: str) -> int:
@@ -618,9 +619,11 @@ async def test_dropped_follow_streams_leave_no_tasks_behind(
     app = await app_factory(redis_url=redis.url)
     churn = FollowChurn(app.port)
 
+    followers = app.admission.kinds[StreamKind.FOLLOWERS]
+
     async def settled() -> None:
         for _ in range(200):
-            if app.hub.follower_count == 0 and app.servicer.follower_limit.active == 0:
+            if app.hub.follower_count == 0 and followers.active == 0:
                 break
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.3)
@@ -643,7 +646,7 @@ async def test_dropped_follow_streams_leave_no_tasks_behind(
         followers_after=app.hub.follower_count,
     )
     assert churn.caught_up == 1200
-    assert app.hub.follower_count == 0 and app.servicer.follower_limit.active == 0
+    assert app.hub.follower_count == 0 and app.admission.kinds[StreamKind.FOLLOWERS].active == 0
     assert tasks <= base_tasks + 2, (base_tasks, tasks)
 
 
@@ -653,10 +656,11 @@ async def test_overload_is_refused_quickly_and_the_server_stays_serving(
     stub_for: Any,
     channel_factory: Callable[..., grpc.aio.Channel],
 ) -> None:
-    """Beyond max_concurrent_unary and max_followers: RESOURCE_EXHAUSTED at once, still SERVING."""
+    """Reads over max_inflight_reads and followers over max_followers: RESOURCE_EXHAUSTED
+    at once, naming the limit; writes and health, in budgets of their own, go on."""
     redis = redis_factory()
     app = await app_factory(
-        redis_url=redis.url, max_concurrent_unary=4, max_followers=5, follower_queue=64
+        redis_url=redis.url, max_inflight_reads=4, max_followers=5, follower_queue=64
     )
     stub = stub_for(app)
     health = health_pb2_grpc.HealthStub(channel_factory(app.port))
@@ -665,7 +669,7 @@ async def test_overload_is_refused_quickly_and_the_server_stays_serving(
         events = [event(1, batch * 50 + n + 1, big) for n in range(50)]
         await stub.CreateEvents(pb.CreateEventsRequest(events=events), timeout=10)
 
-    # Unary slots: four ListEvents of 12 MB each, read once and then not at all, hold them
+    # Read slots: four ListEvents of 12 MB each, read once and then not at all, hold them
     # (flow control stops the server's writes).
     holders_channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
     holders_stub = pb_grpc.ActivityEventsStub(holders_channel)
@@ -675,27 +679,33 @@ async def test_overload_is_refused_quickly_and_the_server_stays_serving(
     followers: list[Any] = []
     tally = StatusTally()
     refusal_seconds: list[float] = []
+    reads = app.admission.classes[CallClass.READS]
     try:
         for _ in range(50):
-            if app.servicer.unary_limit.active == 4:
+            if reads.active == 4:
                 break
             await asyncio.sleep(0.02)
-        assert app.servicer.unary_limit.active == 4
+        assert reads.active == 4
         rss_before = rss_bytes(os.getpid())
 
-        async def refused_create(n: int) -> None:
+        async def refused_read(n: int) -> None:
             started = time.monotonic()
             try:
-                await stub.CreateEvent(event(2, n + 1), timeout=5)
+                await stub.ListDeployments(pb.ListDeploymentsRequest(), timeout=5)
                 tally.add(grpc.StatusCode.OK)
             except grpc.aio.AioRpcError as error:
                 tally.add(error.code())
-                assert "limit" in (error.details() or "")
+                assert "max_inflight_reads=4" in (error.details() or "")
             refusal_seconds.append(time.monotonic() - started)
 
         for first in range(0, 2000, 200):
-            await asyncio.gather(*(refused_create(n) for n in range(first, first + 200)))
+            await asyncio.gather(*(refused_read(n) for n in range(first, first + 200)))
         rss_after = rss_bytes(os.getpid())
+        # Writes are another class: the held reads do not block them.
+        created = await asyncio.gather(
+            *(stub.CreateEvent(event(2, n + 1), timeout=5) for n in range(50))
+        )
+        assert all(response.success for response in created)
         status = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert status.status == SERVING
 
@@ -711,6 +721,7 @@ async def test_overload_is_refused_quickly_and_the_server_stays_serving(
             await asyncio.wait_for(extra.read(), 5)
         follower_refusal = time.monotonic() - started
         assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_followers=5" in (raised.value.details() or "")
         status = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert status.status == SERVING
     finally:
@@ -718,14 +729,19 @@ async def test_overload_is_refused_quickly_and_the_server_stays_serving(
             call.cancel()
         await holders_channel.close(None)
     # Limits free up when callers leave.
+    followers_budget = app.admission.kinds[StreamKind.FOLLOWERS]
     for _ in range(100):
-        if app.servicer.unary_limit.active == 0 and app.servicer.follower_limit.active == 0:
+        if reads.active == 0 and followers_budget.active == 0:
             break
         await asyncio.sleep(0.05)
-    assert (await stub.CreateEvent(event(2, 9999), timeout=5)).success
+    assert reads.active == 0 and followers_budget.active == 0
+    assert (await stub.ListDeployments(pb.ListDeploymentsRequest(), timeout=5)).deployments
+    shed = app.registry.get_sample_value(
+        "activity_load_shed_total", {"class": "reads", "reason": "inflight"}
+    )
     record(
         "overload",
-        max_concurrent_unary=4,
+        max_inflight_reads=4,
         max_followers=5,
         refused_calls=len(refusal_seconds),
         statuses=str(tally),
@@ -735,6 +751,7 @@ async def test_overload_is_refused_quickly_and_the_server_stays_serving(
         rss_growth_mb=round((rss_after - rss_before) / 2**20, 1),
     )
     assert tally.seen() == {"RESOURCE_EXHAUSTED"}, str(tally)
+    assert shed == 2000
     # 200 calls at a time share one event loop with the server, so the slowest
     # refusal measures that queue; the median is the server's answer time. The
     # held slots last 30 s: anything far below that is a refusal, not a wait.

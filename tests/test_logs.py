@@ -43,6 +43,7 @@ def captured() -> Iterator[io.StringIO]:
     finally:
         for handler in list(root.handlers):
             root.removeHandler(handler)
+            handler.close()
         for handler in saved[0]:
             root.addHandler(handler)
         root.setLevel(saved[1])
@@ -51,6 +52,9 @@ def captured() -> Iterator[io.StringIO]:
 
 
 def lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    """The lines written so far (the handler batches lines: flushed first)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
     return [json.loads(line) for line in stream.getvalue().splitlines()]
 
 

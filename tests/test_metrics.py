@@ -15,12 +15,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from activity_events.http.server import MetricsServer
-from activity_events.observability.grpc_metrics import (
-    GO_CODE_NAMES,
-    AccessLogInterceptor,
-    GrpcMetricsInterceptor,
-    deployment_ids,
-)
+from activity_events.observability.access import deployment_ids
+from activity_events.observability.grpc_metrics import GO_CODE_NAMES, GrpcServerMetrics
 from activity_events.observability.metrics import ServiceMetrics
 from activity_events.pb import activityevents_pb2 as pb
 from tests.observability_probe import SERVICE, ProbeServer, probe_services, value, wait_for
@@ -35,11 +31,6 @@ GO_CODES = {
 @pytest.fixture
 def registry() -> CollectorRegistry:
     return CollectorRegistry()
-
-
-@pytest.fixture
-def grpc_metrics(registry: CollectorRegistry) -> GrpcMetricsInterceptor:
-    return GrpcMetricsInterceptor(registry, probe_services())
 
 
 def sample(registry: CollectorRegistry, name: str, method: str, **labels: str) -> float | None:
@@ -62,7 +53,7 @@ def test_go_code_names_cover_every_status_code() -> None:
 
 def test_every_method_is_initialised_at_zero(registry: CollectorRegistry) -> None:
     services = [pb.DESCRIPTOR.services_by_name["ActivityEvents"], *probe_services()]
-    GrpcMetricsInterceptor(registry, services)
+    GrpcServerMetrics(registry, services)
     expected_types = {
         ("activityevents.ActivityEvents", "CreateEvent"): "unary",
         ("activityevents.ActivityEvents", "ListEvents"): "server_stream",
@@ -105,7 +96,7 @@ def test_every_method_is_initialised_at_zero(registry: CollectorRegistry) -> Non
 
 
 def test_exposition_matches_go_grpc_prometheus(registry: CollectorRegistry) -> None:
-    GrpcMetricsInterceptor(registry, probe_services())
+    GrpcServerMetrics(registry, probe_services())
     families = {
         f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())
     }
@@ -127,9 +118,9 @@ def test_exposition_matches_go_grpc_prometheus(registry: CollectorRegistry) -> N
 
 
 async def test_unary_ok_and_errors(
-    registry: CollectorRegistry, grpc_metrics: GrpcMetricsInterceptor
+    registry: CollectorRegistry,
 ) -> None:
-    async with ProbeServer([grpc_metrics]) as probe:
+    async with ProbeServer(registry) as probe:
         unary = probe.call("Unary", False, False)
         assert (await unary(value("ok"), timeout=5)).value == "done"
         with pytest.raises(grpc.aio.AioRpcError) as invalid:
@@ -138,23 +129,24 @@ async def test_unary_ok_and_errors(
         with pytest.raises(grpc.aio.AioRpcError) as exists:
             await unary(value("abort:ALREADY_EXISTS"), timeout=5)
         assert exists.value.code() == grpc.StatusCode.ALREADY_EXISTS
-        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        with pytest.raises(grpc.aio.AioRpcError) as internal:
             await unary(value("raise"), timeout=5)
-        assert unknown.value.code() == grpc.StatusCode.UNKNOWN
+        assert internal.value.code() == grpc.StatusCode.INTERNAL
+        assert "asked to raise" not in (internal.value.details() or "")
 
     assert sample(registry, "grpc_server_started_total", "Unary") == 4
     assert sample(registry, "grpc_server_msg_received_total", "Unary") == 4
     assert sample(registry, "grpc_server_msg_sent_total", "Unary") == 1  # only the OK one
-    for code, count in {"OK": 1, "InvalidArgument": 1, "AlreadyExists": 1, "Unknown": 1}.items():
+    for code, count in {"OK": 1, "InvalidArgument": 1, "AlreadyExists": 1, "Internal": 1}.items():
         assert sample(registry, "grpc_server_handled_total", "Unary", grpc_code=code) == count
     assert sample(registry, "grpc_server_handled_total", "Unary", grpc_code="Unavailable") == 0
     assert sample(registry, "grpc_server_handling_seconds_count", "Unary") == 4
 
 
 async def test_deadline_exceeded_is_counted(
-    registry: CollectorRegistry, grpc_metrics: GrpcMetricsInterceptor
+    registry: CollectorRegistry,
 ) -> None:
-    async with ProbeServer([grpc_metrics]) as probe:
+    async with ProbeServer(registry) as probe:
         with pytest.raises(grpc.aio.AioRpcError) as late:
             await probe.call("Unary", False, False)(value("hang"), timeout=0.3)
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -167,9 +159,9 @@ async def test_deadline_exceeded_is_counted(
 
 
 async def test_server_stream_counts_messages_and_ends(
-    registry: CollectorRegistry, grpc_metrics: GrpcMetricsInterceptor
+    registry: CollectorRegistry,
 ) -> None:
-    async with ProbeServer([grpc_metrics]) as probe:
+    async with ProbeServer(registry) as probe:
         stream = probe.call("ServerStream", False, True)
         received = [m.value async for m in stream(value("ok:3"), timeout=5)]
         assert received == ["0", "1", "2"]
@@ -190,9 +182,9 @@ async def test_server_stream_counts_messages_and_ends(
 
 
 async def test_cancelled_stream_is_handled_as_canceled(
-    registry: CollectorRegistry, grpc_metrics: GrpcMetricsInterceptor
+    registry: CollectorRegistry,
 ) -> None:
-    async with ProbeServer([grpc_metrics]) as probe:
+    async with ProbeServer(registry) as probe:
         call = probe.call("ServerStream", False, True)(value("hang"), timeout=10)
         first = await asyncio.wait_for(call.read(), 5)
         assert first.value == "first"
@@ -209,9 +201,9 @@ async def test_cancelled_stream_is_handled_as_canceled(
 
 
 async def test_client_stream_and_bidi(
-    registry: CollectorRegistry, grpc_metrics: GrpcMetricsInterceptor
+    registry: CollectorRegistry,
 ) -> None:
-    async with ProbeServer([grpc_metrics]) as probe:
+    async with ProbeServer(registry) as probe:
         client_stream = probe.call("ClientStream", True, False)
         answer = await client_stream(iter([value("ok"), value("ok"), value("ok"), value("ok")]),
                                      timeout=5)  # fmt: skip
@@ -235,9 +227,9 @@ async def test_client_stream_and_bidi(
 
 
 async def test_health_service_is_measured_under_its_full_name(
-    registry: CollectorRegistry, grpc_metrics: GrpcMetricsInterceptor
+    registry: CollectorRegistry,
 ) -> None:
-    async with ProbeServer([grpc_metrics]) as probe:
+    async with ProbeServer(registry) as probe:
         reply = await probe.health_stub().Check(
             health_pb2.HealthCheckRequest(service=""), timeout=5
         )
@@ -249,9 +241,9 @@ async def test_health_service_is_measured_under_its_full_name(
 
 
 async def test_unknown_method_passes_through(
-    registry: CollectorRegistry, grpc_metrics: GrpcMetricsInterceptor
+    registry: CollectorRegistry,
 ) -> None:
-    async with ProbeServer([grpc_metrics]) as probe:
+    async with ProbeServer(registry) as probe:
         assert probe.channel is not None
         missing = probe.channel.unary_unary("/probe.Probe/Missing")
         with pytest.raises(grpc.aio.AioRpcError) as error:
@@ -288,7 +280,7 @@ def access_records() -> Iterator[list[logging.LogRecord]]:
 
 
 async def test_access_log_one_line_per_rpc(access_records: list[logging.LogRecord]) -> None:
-    async with ProbeServer([AccessLogInterceptor()]) as probe:
+    async with ProbeServer() as probe:
         await probe.call("Unary", False, False)(value("ok"), timeout=5)
         with pytest.raises(grpc.aio.AioRpcError):
             await probe.call("Unary", False, False)(value("abort:NOT_FOUND"), timeout=5)

@@ -168,25 +168,17 @@ PageFactory = Callable[..., Awaitable[PageServer]]
 
 @pytest.fixture
 async def page_factory(app_factory: Any, channel_factory: Any) -> AsyncIterator[PageFactory]:
-    """Start a server with the activity page; the page is stopped before the server."""
-    pages: list[ActivityPage] = []
+    """Start a server with the activity page (the server stops it)."""
 
     async def build(**overrides: Any) -> PageServer:
         app = await app_factory(**overrides)
-        page = getattr(app, "page", None)
-        if page is None:  # until the server starts the page itself
-            page = await start_page(app.settings, app.store, app.hub, app.http)
-            assert page is not None
-            pages.append(page)
+        page = app.page
+        assert page is not None, "the server starts the page itself (page_enabled)"
         stub = pb_grpc.ActivityEventsStub(channel_factory(app.port))  # type: ignore[no-untyped-call]
         metadata = (("authorization", f"Bearer {WRITER}"),) if app.settings.auth_tokens_file else ()
         return PageServer(app, page, page.port or app.metrics_port, stub, metadata)
 
-    try:
-        yield build
-    finally:
-        for page in pages:
-            await page.stop()
+    yield build
 
 
 # --------------------------------------------------------------------------- HTTP API
@@ -296,15 +288,15 @@ async def test_list_stream_starts_with_a_snapshot_then_every_new_event(
 
 
 async def test_live_streams_are_bounded_and_end_when_dropped(page_factory: PageFactory) -> None:
-    server = await page_factory(max_followers=1)
+    server = await page_factory(max_page_streams=1)
     first = await EventStream.open(server.port, "/api/deployments/1/stream?after=0-0")
     try:
         assert first.status == 200
         assert (await first.message())["event"] == "live"
         refused = await http_get(server.port, "/api/deployments/1/stream?after=0-0")
         assert refused.status == 503
-        assert refused.headers["retry-after"] == "5"
-        assert "limit 1" in refused.json()["error"]
+        assert refused.headers["retry-after"] == "2"
+        assert "max_page_streams=1" in refused.json()["error"]
         assert server.page.drop_streams() == 1
         assert await asyncio.wait_for(first.reader.read(), TIMEOUT) == b""  # closed server-side
     finally:
@@ -414,7 +406,15 @@ async def test_page_can_be_off_or_on_its_own_port(page_factory: PageFactory) -> 
     assert (await http_get(own.port, "/metrics")).status == 404
 
     settings = own.app.settings.model_copy(update={"page_enabled": False})
-    assert await start_page(settings, own.app.store, own.app.hub, own.app.http) is None
+    started = await start_page(
+        settings,
+        own.app.store,
+        own.app.hub,
+        own.app.http,
+        admission=own.app.admission,
+        authenticator=None,
+    )
+    assert started is None
 
 
 # --------------------------------------------------------------------------- browser

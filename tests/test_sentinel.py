@@ -103,6 +103,15 @@ async def test_failover_loses_no_acknowledged_event(
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    # Health follows Redis by its own probe, which may trail the writers by a
+    # probe interval or two: it must be SERVING again within seconds.
+    for _ in range(50):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1)
+        if seen_health[-1] != reply.status:
+            seen_health.append(reply.status)
+        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+            break
+        await asyncio.sleep(0.1)
 
     assert before > 0
     assert statuses, "the outage was not visible to clients"

@@ -23,7 +23,7 @@ import grpc
 import pytest
 import redis.asyncio as redis_asyncio
 
-from activity_events.grpc.subscriptions import delivery_responses
+from activity_events.codec.wire import delivery_responses
 from activity_events.pb import activityevents_pb2 as pb
 from activity_events.pb import activityevents_pb2_grpc as pb_grpc
 from activity_events.redis import keys
@@ -859,7 +859,7 @@ async def test_redis_unreachable_ends_consumers_with_unavailable(
 async def test_consumers_per_replica_are_capped(
     app_factory: Any, channel_factory: Any, consumers: Any
 ) -> None:
-    app = await app_factory(max_followers=2)
+    app = await app_factory(max_consumers=2)
     channel = channel_factory(app.port)
     kept = [consumers(channel, subscription="capped", deployment_id=34) for _ in range(2)]
     for consumer in kept:

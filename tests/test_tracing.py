@@ -2,8 +2,8 @@
 
 The receiver is opentelemetry-proto's ``TraceService`` hosted here on a free
 port; the exporter is configured the way operators configure it, through
-``OTEL_*`` variables. Spans come from the tracing interceptor on a real
-grpc.aio server and from an instrumented client of a real redis-server.
+``OTEL_*`` variables. Spans come from the call pipeline on a real grpc.aio
+server and from an instrumented client of a real redis-server.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import grpc
 import pytest
 import redis.asyncio as redis_asyncio
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
@@ -26,15 +26,18 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
+from activity_events.app.settings import Settings
+from activity_events.grpc.admission import Admission, CallClass
+from activity_events.grpc.health import POLICIES as HEALTH_POLICIES
+from activity_events.grpc.pipeline import Pipeline, Policy
+from activity_events.grpc.watchdog import StreamWatchdog
+from activity_events.observability.grpc_metrics import GrpcServerMetrics
 from activity_events.observability.metrics import ServiceMetrics
 from activity_events.observability.tracing import (
-    TracingInterceptor,
+    ServerTracing,
     build_resource,
-    client_interceptors,
     configure_tracing,
     instrument_redis,
-    last_trace_id,
-    outgoing_metadata,
     shutdown_tracing,
 )
 from activity_events.pb import activityevents_pb2 as pb
@@ -138,20 +141,67 @@ class TracedProbe:
                 return
             yield pb.WatchEventsResponse(events=[pb.StoredEvent(cursor=f"{number}-0")] * 2)
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(
-            SERVICE,
-            {
-                "Create": grpc.unary_unary_rpc_method_handler(
-                    self.create, pb.EventRequest.FromString, pb.EventResponse.SerializeToString
-                ),
-                "Watch": grpc.unary_stream_rpc_method_handler(
-                    self.watch,
-                    pb.WatchEventsRequest.FromString,
-                    pb.WatchEventsResponse.SerializeToString,
-                ),
-            },
+    def handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+        _descriptor()
+        return {
+            "Create": grpc.unary_unary_rpc_method_handler(
+                self.create, pb.EventRequest.FromString, pb.EventResponse.SerializeToString
+            ),
+            "Watch": grpc.unary_stream_rpc_method_handler(
+                self.watch,
+                pb.WatchEventsRequest.FromString,
+                pb.WatchEventsResponse.SerializeToString,
+            ),
+        }
+
+
+def _descriptor() -> None:
+    """Register ``tracetest.Probe`` (Create and Watch on the service's messages)."""
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindServiceByName(SERVICE)
+        return
+    except KeyError:
+        pass
+    proto = descriptor_pb2.FileDescriptorProto(
+        name="tests/tracetest.proto", package="tracetest", syntax="proto3"
+    )
+    proto.dependency.append(pb.DESCRIPTOR.name)
+    service = proto.service.add(name="Probe")
+    service.method.add(
+        name="Create",
+        input_type=".activityevents.EventRequest",
+        output_type=".activityevents.EventResponse",
+    )
+    service.method.add(
+        name="Watch",
+        input_type=".activityevents.WatchEventsRequest",
+        output_type=".activityevents.WatchEventsResponse",
+        server_streaming=True,
+    )
+    pool.Add(proto)
+
+
+PROBE_POLICIES = {"Create": Policy(CallClass.WRITES, None), "Watch": Policy(CallClass.READS, None)}
+
+
+def traced_grpc_server(
+    probe: TracedProbe, tracing: ServerTracing, health_servicer: Any = None
+) -> tuple[grpc.aio.Server, Pipeline]:
+    """A grpc.aio server with ``probe`` (and health) behind the call pipeline."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    pipeline = Pipeline(
+        admission=Admission(Settings()),
+        metrics=GrpcServerMetrics(CollectorRegistry()),
+        watchdog=StreamWatchdog(30.0),
+        tracing=tracing,
+    )
+    if health_servicer is not None:
+        pipeline.add(
+            server, health_pb2_grpc.add_HealthServicer_to_server, health_servicer, HEALTH_POLICIES
         )
+    pipeline.add_handlers(server, SERVICE, probe.handlers(), PROBE_POLICIES)
+    return server, pipeline
 
 
 @pytest.fixture
@@ -164,12 +214,8 @@ async def traced_server(
         redis_asyncio.Redis.from_url(redis_server.url, socket_timeout=5), metrics, provider
     )
     probe = TracedProbe(client)
-    server = grpc.aio.server(
-        interceptors=[TracingInterceptor(provider)], options=[("grpc.so_reuseport", 0)]
-    )
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    server.add_generic_rpc_handlers((probe.handler(),))
+    server, pipeline = traced_grpc_server(probe, ServerTracing(provider), health_servicer)
     port = server.add_insecure_port("127.0.0.1:0")
     probe.port = port
     await server.start()
@@ -179,6 +225,7 @@ async def traced_server(
     finally:
         await channel.close()
         await server.stop(grace=1.0)
+        await pipeline.watchdog.stop()
         await client.aclose()
         shutdown_tracing(provider)
 
@@ -265,7 +312,7 @@ async def test_error_statuses_on_spans(
         attributes(s)["rpc.grpc.status_code"]: s for s in collector.named(f"{SERVICE}/Create")
     }
     invalid = by_code[grpc.StatusCode.INVALID_ARGUMENT.value[0]]
-    unknown = by_code[grpc.StatusCode.UNKNOWN.value[0]]
+    unknown = by_code[grpc.StatusCode.INTERNAL.value[0]]
     # A client's mistake is not a server error; an unexpected exception is.
     assert invalid.status.code == trace_pb2.Status.STATUS_CODE_UNSET
     assert unknown.status.code == trace_pb2.Status.STATUS_CODE_ERROR
@@ -323,11 +370,9 @@ async def test_stream_span_is_capped(
     client = redis_asyncio.Redis.from_url(redis_server.url, socket_timeout=5)
     probe = TracedProbe(client)
     probe.watch = history_forever  # type: ignore[method-assign,assignment]
-    server = grpc.aio.server(
-        interceptors=[TracingInterceptor(provider, stream_span_cap_seconds=0.2)],
-        options=[("grpc.so_reuseport", 0)],
+    server, pipeline = traced_grpc_server(
+        probe, ServerTracing(provider, stream_span_cap_seconds=0.2)
     )
-    server.add_generic_rpc_handlers((probe.handler(),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -347,6 +392,7 @@ async def test_stream_span_is_capped(
     finally:
         await channel.close()
         await server.stop(grace=None)
+        await pipeline.watchdog.stop()
         await client.aclose()
         shutdown_tracing(provider)
 
@@ -410,36 +456,6 @@ async def test_redis_errors_are_counted(redis_server: RedisProcess) -> None:
     )
 
 
-async def test_client_interceptors_propagate_their_trace(
-    traced_server: Any, provider: TracerProvider, receiver: tuple[Receiver, int]
-) -> None:
-    """Without any SDK in the client, the server span still joins the client's trace id."""
-    _, _, _ = traced_server
-    collector, _ = receiver
-    channel = grpc.aio.insecure_channel(
-        f"127.0.0.1:{traced_server[1].port}", interceptors=client_interceptors()
-    )
-    try:
-        await _create(channel)(pb.EventRequest(id=9, deployment_id=9), timeout=5)
-    finally:
-        await channel.close()
-    trace_id = last_trace_id()
-    assert trace_id is not None and len(trace_id) == 32
-    assert await _flushed(provider, collector, lambda r: len(r.named(f"{SERVICE}/Create")) == 1)
-    (server_span,) = collector.named(f"{SERVICE}/Create")
-    assert server_span.trace_id.hex() == trace_id
-
-
-def test_outgoing_metadata_inside_a_span() -> None:
-    provider = TracerProvider()
-    with provider.get_tracer("test").start_as_current_span("work") as span:
-        metadata = dict(outgoing_metadata([("x-extra", "1")]))
-        expected = trace.format_trace_id(span.get_span_context().trace_id)
-    assert metadata["x-extra"] == "1"
-    assert metadata["traceparent"].split("-")[1] == expected
-    assert "traceparent" not in dict(outgoing_metadata())
-
-
 def test_tracing_is_off_without_an_exporter(monkeypatch: pytest.MonkeyPatch) -> None:
     assert configure_tracing(set_global=False) is None
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
@@ -450,28 +466,21 @@ def test_tracing_is_off_without_an_exporter(monkeypatch: pytest.MonkeyPatch) -> 
     assert configure_tracing(set_global=False) is None
 
 
-async def test_with_tracing_off_only_calls_carrying_a_trace_context_are_wrapped() -> None:
-    """No SDK provider: a call without trace context runs unwrapped (nothing could
-    record it); one with a traceparent is wrapped, so its logs carry that trace id."""
+def test_with_tracing_off_only_calls_carrying_a_trace_context_get_a_span() -> None:
+    """No SDK provider: a call without trace context gets no span (nothing could
+    record it); one with a traceparent does, so its logs carry that trace id."""
     assert not isinstance(trace.get_tracer_provider(), TracerProvider)
-    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
-
-    async def continuation(details: Any) -> Any:
-        return handler
-
-    def details(metadata: tuple[tuple[str, str], ...]) -> Any:
-        return SimpleNamespace(method=f"/{SERVICE}/CreateEvent", invocation_metadata=metadata)
-
-    interceptor = TracingInterceptor()
-    assert await interceptor.intercept_service(continuation, details(())) is handler
-    plain = await interceptor.intercept_service(continuation, details((("x-other", "1"),)))
-    assert plain is handler
+    tracing = ServerTracing()
+    assert not tracing.recording
+    peer = "ipv4:127.0.0.1:5"
+    assert tracing.start(SERVICE, "Create", (), peer) is None
+    assert tracing.start(SERVICE, "Create", (("x-other", "1"),), peer) is None
     parent = (("traceparent", f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01"),)
-    wrapped = await interceptor.intercept_service(continuation, details(parent))
-    assert wrapped is not handler and wrapped.unary_unary is not handler.unary_unary
-    # With a provider of its own it always wraps.
-    traced = TracingInterceptor(TracerProvider())
-    assert await traced.intercept_service(continuation, details(())) is not handler
+    span = tracing.start(SERVICE, "Create", parent, peer)
+    assert span is not None
+    assert trace.format_trace_id(span.span.get_span_context().trace_id) == CLIENT_TRACE_ID
+    # With a provider of its own it always makes one.
+    assert ServerTracing(TracerProvider()).start(SERVICE, "Create", (), peer) is not None
 
 
 def test_protocol_and_resource_from_env(monkeypatch: pytest.MonkeyPatch) -> None:

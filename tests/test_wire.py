@@ -41,13 +41,14 @@ def test_watch_response_round_trips() -> None:
         stored(2**31 - 1, 1_700_000_000_001, 7, 2**31 - 1, "é" * 300),
         stored(3, 1, 2**40, 5, ""),
     ]
-    parsed = pb.WatchEventsResponse.FromString(wire.watch_response(events))
+    body = b"".join(wire.watch_responses(events, 1 << 30))
+    parsed = pb.WatchEventsResponse.FromString(body)
     assert not parsed.caught_up
     assert [e.cursor for e in parsed.events] == [str(e.cursor) for e in events]
     assert [e.event for e in parsed.events] == [e.decode() for e in events]
     # byte-identical to what the protobuf runtime would produce
     expected = pb.WatchEventsResponse(events=[e.to_proto() for e in events]).SerializeToString()
-    assert wire.watch_response(events) == expected
+    assert body == expected
 
 
 def test_caught_up_marker() -> None:

@@ -75,13 +75,6 @@ class Settings(BaseSettings):
     max_connection_age_grace_seconds: float = Field(
         30.0, ge=0, description="Time in-flight calls get after a max-age GOAWAY."
     )
-    max_concurrent_unary: int = Field(
-        1000, gt=0, description="Unary calls served at once; beyond it RESOURCE_EXHAUSTED."
-    )
-    max_followers: int = Field(
-        10000, gt=0, description="Follow streams served at once; beyond it RESOURCE_EXHAUSTED."
-    )
-
     # --- security -----------------------------------------------------------------
     tls_cert_file: Path | None = Field(
         None,
@@ -120,12 +113,69 @@ class Settings(BaseSettings):
         0, ge=0, description="Drop events older than this (approximately); 0 keeps all."
     )
 
+    # --- under load: admission and isolation ------------------------------------
+    max_inflight_writes: int = Field(
+        2000,
+        gt=0,
+        description="CreateEvent and CreateEvents calls in progress at once; beyond it "
+        "RESOURCE_EXHAUSTED (writes are coalesced, so this is a memory bound).",
+    )
+    max_inflight_reads: int = Field(
+        32,
+        gt=0,
+        description="History reads (ListEvents, WatchEvents without follow), listings, admin "
+        "calls and page API requests in progress at once; beyond it RESOURCE_EXHAUSTED.",
+    )
+    max_inflight_health: int = Field(
+        1000, gt=0, description="Health Check and Watch calls in progress at once."
+    )
+    max_streams: int = Field(
+        5000,
+        gt=0,
+        description="Long-lived streams of every kind together (gRPC followers, live page "
+        "streams, subscription consumers); beyond it RESOURCE_EXHAUSTED.",
+    )
+    max_followers: int = Field(
+        2000, gt=0, description="WatchEvents follow streams at once (within max_streams)."
+    )
+    max_page_streams: int = Field(
+        2000, gt=0, description="Live activity-page streams (SSE) at once (within max_streams)."
+    )
+    max_consumers: int = Field(
+        1000, gt=0, description="Subscribe consumers at once (within max_streams)."
+    )
+    stream_stall_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="A stream whose client reads nothing for this long is ended with "
+        "RESOURCE_EXHAUSTED (and its last cursor), releasing its slot.",
+    )
+    stream_buffer_bytes: int = Field(
+        1 << 20,
+        ge=64 * 1024,
+        description="Memory one history stream may hold (the page being sent and the next "
+        "one, read ahead); pages are sized to fit.",
+    )
+
     # --- followers --------------------------------------------------------------
     follower_queue: int = Field(
-        1024,
+        4096,
         gt=0,
-        description="Events buffered per follower; a follower that falls further behind "
-        "is ended with RESOURCE_EXHAUSTED and its last cursor.",
+        description="Live events kept per followed deployment for followers that fall "
+        "behind; one further behind is ended with RESOURCE_EXHAUSTED and its last cursor.",
+    )
+    live_log_bytes: int = Field(
+        4 << 20,
+        ge=64 * 1024,
+        description="Most bytes of live events kept per followed deployment (with "
+        "follower_queue, whichever is reached first).",
+    )
+    live_wakeups_per_second: float = Field(
+        10000,
+        ge=0,
+        description="Follower wake-ups per second, all followers together: with many "
+        "followers live events come in bigger, rarer batches so writers keep their share "
+        "of the CPU. 0: no limit.",
     )
     hub_block_ms: int = Field(
         1000, gt=0, description="Longest blocking XREAD of the follower hub, in ms."
@@ -150,14 +200,29 @@ class Settings(BaseSettings):
         None, description="Client certificate for Redis TLS with client authentication."
     )
     redis_tls_key_file: Path | None = Field(None, description="Private key of redis_tls_cert_file.")
-    redis_max_connections: int = Field(
-        6,
+    redis_write_connections: int = Field(
+        4, gt=0, description="Redis connections of the writes lane (creates)."
+    )
+    redis_read_connections: int = Field(
+        4, gt=0, description="Redis connections of the reads lane (history, listings, admin)."
+    )
+    redis_stream_connections: int = Field(
+        4,
         gt=0,
-        description="Command connections per replica (the follower hub holds one more). "
-        "Callers wait for a free one rather than opening more.",
+        description="Redis connections of the streams lane (followers' history, page streams, "
+        "consumers). The follower hub and the health probe hold one more each.",
+    )
+    redis_pool_wait_seconds: float = Field(
+        0.5,
+        gt=0,
+        description="Longest wait for a free connection of a lane; past it the call is "
+        "refused with RESOURCE_EXHAUSTED (the lane is busy, Redis is not the problem).",
     )
     redis_timeout_seconds: float = Field(
-        1.0, gt=0, description="Per-command timeout; calls fail with UNAVAILABLE past it."
+        1.0,
+        gt=0,
+        description="Longest a Redis command may take once it has a connection; past it "
+        "the call fails UNAVAILABLE.",
     )
     redis_connect_timeout_seconds: float = Field(1.0, gt=0, description="Connect timeout.")
     redis_wait_replicas: int = Field(

@@ -1,52 +1,73 @@
-"""Hand-assembled protobuf bytes for the hot streaming responses.
+"""Hand-assembled protobuf bytes for the hot paths.
 
-Stream entries hold the canonical EventRequest bytes, so a page of history can
-be sent by concatenating length-delimited fields instead of decoding and
-re-encoding every event. The layouts below are those of the .proto:
+Stream entries hold the canonical EventRequest bytes, so a page of history
+can be sent by concatenating length-delimited fields instead of decoding and
+re-encoding every event, and a subscription delivery likewise. The layouts
+are those of the .proto:
 
     StoredEvent         { EventRequest event = 1; string cursor = 2; }
     WatchEventsResponse { repeated StoredEvent events = 1; bool caught_up = 2; }
+    EventResult         { int32 index = 1; int32 id = 2; int32 deployment_id = 3;
+                          Outcome outcome = 4; string cursor = 5; string reason = 6;
+                          int64 receive = 7; }
+    CreateEventsResponse { repeated EventResult results = 1; }
+    Delivery            { EventRequest event = 1; string cursor = 2;
+                          int32 delivery_count = 3; }
+    SubscribeResponse   { repeated Delivery deliveries = 1; ... }
 
-tests/test_wire.py checks them against the protobuf runtime.
+Where hand encoding does not pay (single messages, listings) the protobuf
+runtime is used. tests/test_wire.py checks every function here against the
+protobuf runtime, at every varint width.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Protocol
 
-from activity_events.domain.errors import Corrupt
 from activity_events.domain.events import StoredEvent, varint
-from activity_events.redis.keys import EVENT_FIELD
 
-_TAG_1_LEN = b"\x0a"  # field 1, wire type 2 (length-delimited)
-_TAG_2_LEN = b"\x12"  # field 2, wire type 2
-CAUGHT_UP = b"\x10\x01"  # WatchEventsResponse{caught_up: true}
+VARINT = 0
+LEN = 2
 
-__all__ = ["varint"]  # re-exported: the one varint encoder lives in events
+
+def tag(field: int, wire_type: int) -> bytes:
+    """The key of a field: its number and wire type (one byte for fields 1-15)."""
+    return varint(field << 3 | wire_type)
+
+
+FIELD_1 = tag(1, LEN)
+"""Field 1, length-delimited: ``StoredEvent.event``, ``WatchEventsResponse.events``,
+``CreateEventsResponse.results``, ``Delivery.event``, ``SubscribeResponse.deliveries``."""
+FIELD_2 = tag(2, LEN)
+"""Field 2, length-delimited: ``StoredEvent.cursor``, ``Delivery.cursor``."""
+DELIVERY_COUNT = tag(3, VARINT)
+RESULT_INDEX = tag(1, VARINT)
+RESULT_ID = tag(2, VARINT)
+RESULT_DEPLOYMENT = tag(3, VARINT)
+RESULT_OUTCOME = tag(4, VARINT)
+RESULT_CURSOR = tag(5, LEN)
+RESULT_REASON = tag(6, LEN)
+RESULT_RECEIVE = tag(7, VARINT)
+
+CAUGHT_UP = tag(2, VARINT) + varint(1)
+"""WatchEventsResponse{caught_up: true}: the end of a follow stream's history."""
+
+Row = tuple[bytes, bytes]
+"""A stored event as the history hot path reads it: (entry id, EventRequest bytes)."""
 
 
 def stored_event(event: StoredEvent) -> bytes:
     cursor = str(event.cursor).encode()
     return b"".join(
-        (
-            _TAG_1_LEN,
-            varint(len(event.payload)),
-            event.payload,
-            _TAG_2_LEN,
-            varint(len(cursor)),
-            cursor,
-        )
+        (FIELD_1, varint(len(event.payload)), event.payload, FIELD_2, varint(len(cursor)), cursor)
     )
-
-
-def watch_response(events: Iterable[StoredEvent]) -> bytes:
-    return b"".join(field_1(stored_event(event)) for event in events)
 
 
 def field_1(body: bytes) -> bytes:
     """``body`` as a length-delimited field 1 (an element of a repeated message field)."""
-    return _TAG_1_LEN + varint(len(body)) + body
+    return FIELD_1 + varint(len(body)) + body
 
 
 def chunked(pieces: Iterable[bytes], max_bytes: int) -> Iterator[bytes]:
@@ -65,38 +86,35 @@ def chunked(pieces: Iterable[bytes], max_bytes: int) -> Iterator[bytes]:
         yield b"".join(parts)
 
 
+def watch_piece(event: StoredEvent) -> bytes:
+    """One event as an element of ``WatchEventsResponse.events``; live followers
+    share it (``LiveEvent.encoded(watch_piece)``)."""
+    return field_1(stored_event(event))
+
+
 def watch_responses(events: Sequence[StoredEvent], max_bytes: int) -> Iterator[bytes]:
     """WatchEventsResponse messages holding ``events`` in order (see :func:`chunked`)."""
-    return chunked((field_1(stored_event(event)) for event in events), max_bytes)
+    return chunked((watch_piece(event) for event in events), max_bytes)
 
 
-def watch_responses_rows(
-    prefix: bytes, rows: Sequence[tuple[bytes, Sequence[bytes]]], max_bytes: int
-) -> Iterator[bytes]:
-    """:func:`watch_responses` straight from unparsed stream entries of one
-    deployment (``[entry id, [field, value, ...]]``; ``prefix`` =
+def watch_responses_from_pieces(pieces: Iterable[bytes], max_bytes: int) -> Iterator[bytes]:
+    """WatchEventsResponse messages of pre-encoded :func:`watch_piece` pieces."""
+    return chunked(pieces, max_bytes)
+
+
+def watch_responses_rows(prefix: bytes, rows: Sequence[Row], max_bytes: int) -> Iterator[bytes]:
+    """:func:`watch_responses` straight from rows of one deployment (``prefix`` =
     ``b"<deployment>:"``). The replay hot path: one join per event, no objects."""
     parts: list[bytes] = []
     size = 0
-    for entry, fields in rows:
-        payload = fields[1] if fields[0] == EVENT_FIELD else payload_of(prefix, entry, fields)
+    for entry, payload in rows:
         payload_len = len(payload)
         cursor_len = len(prefix) + len(entry)
         head = varint(payload_len)
         tail = varint(cursor_len)
         body_len = 2 + len(head) + payload_len + len(tail) + cursor_len
         piece = b"".join(
-            (
-                _TAG_1_LEN,
-                varint(body_len),
-                _TAG_1_LEN,
-                head,
-                payload,
-                _TAG_2_LEN,
-                tail,
-                prefix,
-                entry,
-            )
+            (FIELD_1, varint(body_len), FIELD_1, head, payload, FIELD_2, tail, prefix, entry)
         )
         if parts and size + len(piece) > max_bytes:
             yield b"".join(parts)
@@ -105,15 +123,6 @@ def watch_responses_rows(
         size += len(piece)
     if parts:
         yield b"".join(parts)
-
-
-def payload_of(prefix: bytes, entry: bytes, fields: Sequence[bytes]) -> bytes:
-    """The event bytes among an entry's [field, value, ...] (usually the first pair)."""
-    for i in range(0, len(fields) - 1, 2):
-        if fields[i] == EVENT_FIELD:
-            return fields[i + 1]
-    where = prefix.decode() + entry.decode(errors="replace")
-    raise Corrupt(f"stream entry {where} has no event field")
 
 
 def event_result(
@@ -126,35 +135,29 @@ def event_result(
     reason: str = "",
     receive: int = 0,
 ) -> bytes:
-    """One CreateEventsResponse.results element (EventResult, as field 1):
-
-        EventResult { int32 index = 1; int32 id = 2; int32 deployment_id = 3;
-                      Outcome outcome = 4; string cursor = 5; string reason = 6;
-                      int64 receive = 7; }
-
-    Hand-encoded because a bulk call builds one per event; proto3 omits zero
-    values. tests/test_wire.py checks it against the protobuf runtime."""
+    """One ``CreateEventsResponse.results`` element; proto3 omits zero values.
+    Hand-encoded because a bulk call builds one per event."""
     text = reason.encode()
     return event_result_from_parts(
         index,
         event_id,
         deployment_and_outcome(deployment_id, outcome),
         cursor.encode(),
-        (b"\x32" + varint(len(text)) + text if text else b"") + receive_field(receive),
+        (RESULT_REASON + varint(len(text)) + text if text else b"") + receive_field(receive),
     )
 
 
 @functools.lru_cache(maxsize=1024)
 def deployment_and_outcome(deployment_id: int, outcome: int) -> bytes:
     """EventResult fields 3 and 4, the same for most events of a batch."""
-    return (b"\x18" + varint(deployment_id) if deployment_id else b"") + (
-        b"\x20" + varint(outcome) if outcome else b""
+    return (RESULT_DEPLOYMENT + varint(deployment_id) if deployment_id else b"") + (
+        RESULT_OUTCOME + varint(outcome) if outcome else b""
     )
 
 
 def receive_field(receive: int) -> bytes:
     """EventResult field 7, the same for every event of a batch."""
-    return b"\x38" + varint(receive) if receive else b""
+    return RESULT_RECEIVE + varint(receive) if receive else b""
 
 
 def event_result_from_parts(
@@ -167,16 +170,49 @@ def event_result_from_parts(
     return field_1(
         b"".join(
             (
-                b"\x08" + varint(index) if index else b"",
-                b"\x10" + varint(event_id) if event_id else b"",
+                RESULT_INDEX + varint(index) if index else b"",
+                RESULT_ID + varint(event_id) if event_id else b"",
                 middle,
-                b"\x2a" + varint(len(cursor)) + cursor if cursor else b"",
+                RESULT_CURSOR + varint(len(cursor)) + cursor if cursor else b"",
                 tail,
             )
         )
     )
 
 
-def identity(message: bytes) -> bytes:
-    """Serializer for handlers that yield bytes already in wire form."""
-    return message
+class DeliveryParts(Protocol):
+    """What a subscription delivery is made of (``redis.groups.Delivered``)."""
+
+    @property
+    def payload(self) -> bytes: ...
+
+    @property
+    def cursor(self) -> bytes: ...
+
+    @property
+    def count(self) -> int: ...
+
+
+def delivery_bytes(item: DeliveryParts) -> bytes:
+    """One ``SubscribeResponse.deliveries`` element, assembled from the stored
+    EventRequest bytes without decoding them."""
+    payload = item.payload
+    cursor = item.cursor
+    body = b"".join(
+        (
+            FIELD_1,
+            varint(len(payload)),
+            payload,
+            FIELD_2,
+            varint(len(cursor)),
+            cursor,
+            DELIVERY_COUNT,
+            varint(item.count),
+        )
+    )
+    return field_1(body)
+
+
+def delivery_responses(items: Sequence[DeliveryParts], max_bytes: int) -> Iterator[bytes]:
+    """SubscribeResponse messages carrying ``items`` in order, each about ``max_bytes`` at most."""
+    return chunked((delivery_bytes(item) for item in items), max_bytes)

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from functools import total_ordering
 
 from activity_events.domain.errors import InvalidArgument
+from activity_events.domain.limits import INT32_MAX
 from activity_events.pb import activityevents_pb2 as pb
-
-INT32_MAX = 2**31 - 1
 
 DIGEST_BYTES = 6
 """Length of a message digest in the dedup index (append.lua relies on it)."""
@@ -208,9 +207,10 @@ def validate_new(request: pb.EventRequest, *, max_message_bytes: int) -> NewEven
     )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StoredEvent:
-    """One event as read back: its cursor and its EventRequest bytes."""
+    """One event as read back: its cursor and its EventRequest bytes (treat as
+    immutable; not frozen so that live events can extend it with a cache)."""
 
     cursor: Cursor
     payload: bytes

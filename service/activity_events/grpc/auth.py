@@ -1,4 +1,4 @@
-"""Bearer-token authentication with roles, as a grpc.aio server interceptor.
+"""Bearer-token authentication with roles, checked by the call pipeline.
 
 Off unless ``auth_tokens_file`` is set. The file (typically a Kubernetes
 Secret mounted read-only) holds one token per line::
@@ -16,11 +16,13 @@ takes effect without a restart; a file that becomes unreadable or invalid
 keeps the last good tokens and logs why.
 
 Roles: ``writer`` may create events, ``reader`` may list and watch them,
-``admin`` may do everything (delete, and any method added later). A call
-with no token or an unknown token fails with UNAUTHENTICATED; a known token
-without the method's role fails with PERMISSION_DENIED. Health is always
-open (probes carry no tokens); reflection is open or needs a valid token of
-any role, as ``auth_reflection`` says.
+``admin`` may do everything (delete, and any method added later). Each
+method's role is part of its policy (:mod:`activity_events.grpc.pipeline`).
+A call with no token or an unknown token fails with UNAUTHENTICATED; a known
+token without the method's role fails with PERMISSION_DENIED, before its
+request is even parsed. Health is always open (probes carry no tokens);
+reflection is open or needs a valid token of any role, as
+``auth_reflection`` says.
 
 Tokens are compared in constant time (:func:`hmac.compare_digest` over
 SHA-256 digests, against every configured token), so response timing tells
@@ -34,44 +36,20 @@ import hmac
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import grpc
-
-from activity_events import SERVICE_NAME
+from activity_events.domain.errors import PermissionDenied, Unauthenticated
 
 logger = logging.getLogger(__name__)
 
 Role = Literal["writer", "reader", "admin"]
 ROLES: frozenset[str] = frozenset({"writer", "reader", "admin"})
-SUBSCRIPTIONS = "activityevents.Subscriptions"
 
-METHOD_ROLES: dict[str, Role] = {
-    f"/{SERVICE_NAME}/CreateEvent": "writer",
-    f"/{SERVICE_NAME}/CreateEvents": "writer",
-    f"/{SERVICE_NAME}/ListEvents": "reader",
-    f"/{SERVICE_NAME}/WatchEvents": "reader",
-    f"/{SERVICE_NAME}/ListDeployments": "reader",
-    f"/{SERVICE_NAME}/DeleteDeployment": "admin",
-    # Durable subscriptions: consuming (and acknowledging) is reading; removing
-    # a subscription or re-injecting dead letters changes what others see.
-    f"/{SUBSCRIPTIONS}/Subscribe": "reader",
-    f"/{SUBSCRIPTIONS}/ListSubscriptions": "reader",
-    f"/{SUBSCRIPTIONS}/ListDeadLetters": "reader",
-    f"/{SUBSCRIPTIONS}/DeleteSubscription": "admin",
-    f"/{SUBSCRIPTIONS}/ReplayDeadLetters": "admin",
-}
-"""The role each method needs; any method not listed needs ``admin``."""
-
-OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})
-"""Services served without a token: Kubernetes and load balancer probes send none."""
-
-REFLECTION_SERVICES = frozenset(
-    {"grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
-)
+ANY_TOKEN = "any"  # noqa: S105 - a role name, not a secret
+"""The "role" of methods any valid token may call (reflection, unless open)."""
 
 RELOAD_INTERVAL = 5.0
 """Seconds between checks of the token file's modification time."""
@@ -212,81 +190,33 @@ def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
     return None
 
 
-def _refusal(handler: grpc.RpcMethodHandler[Any, Any] | None, code: grpc.StatusCode,
-             details: str) -> grpc.RpcMethodHandler[Any, Any]:  # fmt: skip
-    """A handler of the same shape as ``handler`` that only fails with ``code``.
-
-    The request is not deserialized (raw bytes), so a refused caller cannot
-    reach the message parser either.
-    """
-
-    async def unary(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(code, details)
-
-    async def streaming(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(code, details)
-        yield  # pragma: no cover - makes this an async generator
-
-    request_streaming = handler is not None and handler.request_streaming
-    response_streaming = handler is not None and handler.response_streaming
-    if request_streaming and response_streaming:
-        return grpc.stream_stream_rpc_method_handler(streaming)
-    if request_streaming:
-        return grpc.stream_unary_rpc_method_handler(unary)
-    if response_streaming:
-        return grpc.unary_stream_rpc_method_handler(streaming)
-    return grpc.unary_unary_rpc_method_handler(unary)
-
-
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Refuses calls without a valid token of the method's role (see the module doc).
-
-    Put it last in ``grpc.aio.server(interceptors=[...])`` so the metrics and
-    access-log interceptors see refused calls with their status.
-    """
+class Authenticator:
+    """Checks a call's bearer token against the method's role (module docstring)."""
 
     def __init__(self, table: TokenTable, *, reflection_open: bool = False) -> None:
         self.table = table
         self.reflection_open = reflection_open
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        method = handler_call_details.method
-        service = method.lstrip("/").rpartition("/")[0]
-        if service in OPEN_SERVICES:
-            return await continuation(handler_call_details)
-        if service in REFLECTION_SERVICES and self.reflection_open:
-            return await continuation(handler_call_details)
-        token = bearer_token(handler_call_details.invocation_metadata)
+    def check(self, method: str, role: str, metadata: Iterable[tuple[str, Any]] | None) -> None:
+        """Raise Unauthenticated or PermissionDenied unless the metadata carries a
+        token with ``role`` (``ANY_TOKEN``: any valid token) for ``method``."""
+        token = bearer_token(metadata)
         principal = self.table.lookup(token) if token is not None else None
         if principal is None:
             reason = "missing bearer token" if token is None else "unknown bearer token"
             logger.info("auth: refused %s: %s", method, reason)
-            handler = await continuation(handler_call_details)
-            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, reason)
-        if service in REFLECTION_SERVICES:
-            return await continuation(handler_call_details)  # any valid token reads the schema
-        needed = METHOD_ROLES.get(method, "admin")
-        if not principal.may(needed):
-            logger.info("auth: refused %s for %s: needs role %s", method, principal.name, needed)
-            handler = await continuation(handler_call_details)
-            return _refusal(
-                handler,
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"{method.rpartition('/')[2]} needs role {needed}",
-            )
-        return await continuation(handler_call_details)
+            raise Unauthenticated(reason)
+        if role != ANY_TOKEN and not principal.may(role):
+            logger.info("auth: refused %s for %s: needs role %s", method, principal.name, role)
+            raise PermissionDenied(f"{method.rpartition('/')[2]} needs role {role}")
 
 
-def interceptor(tokens_file: Path | None, *, reflection: str = "token") -> AuthInterceptor | None:
-    """The interceptor for the settings, or ``None`` when auth is off (no tokens file).
+def authenticator(tokens_file: Path | None, *, reflection: str = "token") -> Authenticator | None:
+    """The authenticator for the settings, or ``None`` when auth is off (no tokens file).
 
     Raises TokenFileError at start-up when the file is unreadable or invalid:
     a server meant to be protected must not start open.
     """
     if tokens_file is None:
         return None
-    return AuthInterceptor(TokenTable(tokens_file), reflection_open=reflection == "open")
+    return Authenticator(TokenTable(tokens_file), reflection_open=reflection == "open")

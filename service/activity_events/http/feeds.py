@@ -33,8 +33,9 @@ from typing import Any
 
 from activity_events.domain.errors import FollowerLagged, OutOfRange
 from activity_events.domain.events import Cursor, StoredEvent
+from activity_events.domain.limits import ALL
 from activity_events.http.web import SSE_KEEPALIVE, sse_frame, sse_retry
-from activity_events.live.hub import ALL, Hub
+from activity_events.live.hub import Follower, Hub
 from activity_events.redis.store import EventStore
 
 logger = logging.getLogger(__name__)
@@ -109,9 +110,13 @@ async def deployment_rows(
     return rows[:limit], len(rows)
 
 
-async def _live(
-    hub: Hub, sub: Any, seen: dict[int, Cursor], event: str
-) -> AsyncGenerator[bytes, None]:
+def event_frame(event: StoredEvent) -> bytes:
+    """The SSE frame of one event (``event: event``, its cursor as ``id``); live
+    viewers share it (``LiveEvent.encoded(event_frame)``)."""
+    return sse_frame(event_json(event), event="event", event_id=str(event.cursor))
+
+
+async def _live(hub: Hub, sub: Follower, seen: dict[int, Cursor]) -> AsyncGenerator[bytes, None]:
     """Live events from ``sub`` not older than what ``seen`` records, per deployment."""
     newest = max(seen.values()) if seen else None
     while not hub.stopping:
@@ -125,14 +130,17 @@ async def _live(
         except FollowerLagged:
             logger.info("page feed fell behind; the browser reconnects and catches up")
             return
-        for stored in batch:
-            cursor = stored.cursor
+        frames = []
+        for live in batch:
+            cursor = live.cursor
             prior = seen.get(cursor.deployment_id)
             if prior is not None and cursor.key() <= prior.key():
                 continue
             seen[cursor.deployment_id] = cursor
             newest = cursor if newest is None or newest < cursor else newest
-            yield sse_frame(event_json(stored), event=event, event_id=str(cursor))
+            frames.append(live.encoded(event_frame))
+        if frames:
+            yield b"".join(frames)
 
 
 async def deployment_feed(
@@ -157,14 +165,14 @@ async def deployment_feed(
                     return
                 for stored in page:
                     seen[deployment_id] = stored.cursor
-                    yield sse_frame(event_json(stored), event="event", event_id=str(stored.cursor))
+                    yield event_frame(stored)
             if not sub.lagged:
                 break
             sub.reset()  # live events overflowed meanwhile: read them from Redis instead
         else:
             return  # cannot keep up; the browser reconnects from its last cursor
         yield sse_frame({"cursor": str(seen[deployment_id])}, event="live")
-        async for frame in _live(hub, sub, seen, "event"):
+        async for frame in _live(hub, sub, seen):
             yield frame
     finally:
         sub.close()
@@ -175,13 +183,47 @@ async def list_feed(store: EventStore, hub: Hub, limit: int) -> AsyncGenerator[b
     sub = await hub.subscribe(ALL)
     try:
         yield sse_retry(RETRY_MS)
-        rows, total = await deployment_rows(store, limit)
+        rows, total = await snapshot(store, limit)
         yield sse_frame({"deployments": rows, "total": total}, event="snapshot")
         seen: dict[int, Cursor] = {}
         for row in rows:
             if row["last"] is not None:
                 seen[row["id"]] = Cursor.parse(row["last"]["cursor"], deployment_id=row["id"])
-        async for frame in _live(hub, sub, seen, "event"):
+        async for frame in _live(hub, sub, seen):
             yield frame
     finally:
         sub.close()
+
+
+SNAPSHOT_SECONDS = 1.0
+"""How long the list page's snapshot is shared: a thousand browsers opening the
+page at once (a reconnect storm after a deploy) cost one Redis read, not a thousand."""
+
+_snapshots: dict[
+    tuple[int, int], tuple[float, asyncio.Future[tuple[list[dict[str, Any]], int]]]
+] = {}
+
+
+async def snapshot(store: EventStore, limit: int) -> tuple[list[dict[str, Any]], int]:
+    """:func:`deployment_rows` for the list feed, shared for SNAPSHOT_SECONDS.
+
+    The rows are only a starting point: the live events that follow are
+    applied on top (newest cursor wins), so a second-old snapshot loses nothing.
+    """
+    loop = asyncio.get_running_loop()
+    key = (id(store), limit)
+    now = loop.time()
+    found = _snapshots.get(key)
+    if (
+        found is not None
+        and now - found[0] < SNAPSHOT_SECONDS
+        and not (found[1].done() and (found[1].cancelled() or found[1].exception() is not None))
+    ):
+        return await asyncio.shield(found[1])
+    future: asyncio.Future[tuple[list[dict[str, Any]], int]] = asyncio.ensure_future(
+        deployment_rows(store, limit)
+    )
+    _snapshots[key] = (now, future)
+    for stale in [k for k, (t, _) in _snapshots.items() if now - t >= SNAPSHOT_SECONDS]:
+        del _snapshots[stale]
+    return await asyncio.shield(future)

@@ -16,13 +16,17 @@ with ``page_enabled=false``. Routes:
 
 With ``auth_tokens_file`` set, every ``/api`` route needs a token with the
 reader role (or admin), checked in constant time against the same token
-table the gRPC interceptor uses. The browser sends it as ``Authorization:
+table the gRPC call pipeline uses. The browser sends it as ``Authorization:
 Bearer`` on fetches and as the ``access_token`` query parameter (RFC 6750)
 on EventSource, which cannot set headers; responses carry no-referrer and
 no-store so the URL does not travel further.
 
-Live streams count against ``max_followers`` like gRPC followers; beyond it
-the stream is refused with 503 and ``Retry-After``.
+Admission is the gRPC side's (:mod:`activity_events.grpc.admission`): API
+requests take a slot of the reads class, live streams one of kind
+``page_streams`` (and of ``max_streams``); over budget the answer is 503 with
+``Retry-After`` and a message naming the limit. A live stream whose browser
+stops reading for ``stream_stall_seconds`` is closed (EventSource reconnects
+and resumes from its last event id).
 """
 
 from __future__ import annotations
@@ -34,12 +38,18 @@ import re
 from collections.abc import AsyncGenerator
 from http import HTTPStatus
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from activity_events.app.settings import Settings
-from activity_events.domain.errors import ActivityError, InvalidArgument, StoreUnavailable
+from activity_events.domain import limits
+from activity_events.domain.errors import (
+    ActivityError,
+    InvalidArgument,
+    Overloaded,
+    StoreUnavailable,
+)
 from activity_events.domain.events import Cursor
 from activity_events.grpc import auth
+from activity_events.grpc.admission import Admission, CallClass, StreamKind
 from activity_events.http.feeds import deployment_feed, deployment_rows, event_json, list_feed
 from activity_events.http.web import (
     BadRequest,
@@ -51,11 +61,14 @@ from activity_events.http.web import (
     send_json,
 )
 from activity_events.live.hub import Hub
-from activity_events.redis.store import REDIS_DOWN, EventStore
+from activity_events.redis import lanes
+from activity_events.redis.lanes import REDIS_DOWN
+from activity_events.redis.store import EventStore
+
+if TYPE_CHECKING:
+    from activity_events.app.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-INT32_MAX = 2**31 - 1
 
 DEFAULT_PAGE = 50
 """Events per "load older" page unless the browser asks for another size."""
@@ -84,6 +97,14 @@ _DEPLOYMENT = re.compile(r"^/deployments/(\d{1,10})/?$")
 _API_DEPLOYMENT = re.compile(r"^/api/deployments/(\d{1,10})(/events|/stream)?$")
 _STATIC = re.compile(r"^/static/([a-z0-9][a-z0-9._-]*)$")
 
+STREAM_HIGH_WATER = 64 * 1024
+"""Bytes a live stream may have waiting in its socket buffer before it waits for
+the browser to read (at most ``stream_stall_seconds``)."""
+
+
+def _is_stream(path: str) -> bool:
+    return path == "/api/stream" or path.endswith("/stream")
+
 
 class ClientError(Exception):
     """A request the page refuses with a 4xx status and a one-line reason."""
@@ -96,7 +117,7 @@ class ClientError(Exception):
 
 def _deployment_id(text: str) -> int:
     value = int(text)
-    if not 0 < value <= INT32_MAX:
+    if not 0 < value <= limits.INT32_MAX:
         raise ClientError(HTTPStatus.NOT_FOUND, "no such deployment")
     return value
 
@@ -105,7 +126,7 @@ def _limit(request: Request, default: int) -> int:
     text = request.arg("limit")
     if text is None or text == "":
         return default
-    if not text.isdigit() or not 0 < int(text) <= MAX_PAGE:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) <= MAX_PAGE:
         raise ClientError(HTTPStatus.BAD_REQUEST, f"limit must be 1 to {MAX_PAGE}")
     return int(text)
 
@@ -122,14 +143,20 @@ def _cursor(text: str | None, deployment_id: int, name: str) -> Cursor | None:
 class ActivityPage:
     """Routes and serves the page's requests; see the module docstring."""
 
-    def __init__(self, store: EventStore, hub: Hub, settings: Settings) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        hub: Hub,
+        settings: Settings,
+        admission: Admission,
+        tokens: auth.TokenTable | None = None,
+    ) -> None:
         self.store = store
         self.hub = hub
         self.settings = settings
-        self.tokens = (
-            auth.TokenTable(settings.auth_tokens_file) if settings.auth_tokens_file else None
-        )
-        self.max_streams = settings.max_followers
+        self.admission = admission
+        self.tokens = tokens
+        self.stall_seconds = settings.stream_stall_seconds
         self._streams: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self._assets = resources.files(__package__) / "static"
@@ -228,6 +255,9 @@ class ActivityPage:
             await self._route(request, reader, writer)
         except ClientError as error:
             await send_error(writer, request, error.status, error.message)
+        except Overloaded as error:
+            await send_error(writer, request, HTTPStatus.SERVICE_UNAVAILABLE, str(error),
+                             {"Retry-After": "2"})  # fmt: skip
         except (StoreUnavailable, TimeoutError, *REDIS_DOWN) as error:
             logger.warning("activity page: store unavailable (%s)", type(error).__name__)
             await send_error(writer, request, HTTPStatus.SERVICE_UNAVAILABLE,
@@ -255,7 +285,16 @@ class ActivityPage:
             return
         if path.startswith("/api/"):
             self._authorize(request)
-            await self._api(request, reader, writer)
+            if _is_stream(path):
+                await self._api(request, reader, writer)
+                return
+            slot = self.admission.enter(CallClass.READS)
+            lane = lanes.use(CallClass.READS.value)
+            try:
+                await self._api(request, reader, writer)
+            finally:
+                lanes.current.reset(lane)
+                slot.release()
             return
         raise ClientError(HTTPStatus.NOT_FOUND, "not found")
 
@@ -339,17 +378,15 @@ class ActivityPage:
         writer: asyncio.StreamWriter,
         feed: AsyncGenerator[bytes, None],
     ) -> None:
-        """Send an SSE feed until it ends, the browser leaves, or the stream is dropped."""
-        if len(self._streams) >= self.max_streams or self.hub.stopping:
+        """Send an SSE feed until it ends, the browser leaves, it stalls or is dropped."""
+        if self.hub.stopping:
             await feed.aclose()
-            await send_error(
-                writer,
-                request,
-                HTTPStatus.SERVICE_UNAVAILABLE,
-                f"too many live streams (limit {self.max_streams}); retry later",
-                {"Retry-After": "5"},
-            )
-            return
+            raise StoreUnavailable("server is shutting down")
+        try:
+            ticket = self.admission.enter_stream(StreamKind.PAGE_STREAMS)
+        except Overloaded:
+            await feed.aclose()
+            raise
         writer.write(
             response_head(
                 HTTPStatus.OK,
@@ -359,13 +396,27 @@ class ActivityPage:
             )
         )
         if request.head_only:
+            ticket.release()
             await feed.aclose()
             return
 
         async def pump() -> None:
+            lanes.use(CallClass.STREAMS.value)
             async for frame in feed:
                 writer.write(frame)
-                await writer.drain()
+                if writer.transport.get_write_buffer_size() > STREAM_HIGH_WATER:
+                    # The browser is not reading: wait, but not forever.
+                    try:
+                        async with asyncio.timeout(self.stall_seconds):
+                            await writer.drain()
+                    except TimeoutError:
+                        self.admission.refuse(
+                            CallClass.STREAMS,
+                            "stalled",
+                            f"page stream stalled for {self.stall_seconds:g}s "
+                            f"(stream_stall_seconds={self.stall_seconds:g})",
+                        )
+                        return
 
         task = asyncio.create_task(pump(), name="page-stream")
         gone = asyncio.create_task(reader.read(1), name="page-stream-peer")
@@ -373,6 +424,7 @@ class ActivityPage:
         try:
             await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            ticket.release()
             self._streams.discard(task)
             for child in (task, gone):
                 child.cancel()
@@ -387,7 +439,13 @@ class ActivityPage:
 
 
 async def start_page(
-    settings: Settings, store: EventStore, hub: Hub, http: Any
+    settings: Settings,
+    store: EventStore,
+    hub: Hub,
+    http: Any,
+    *,
+    admission: Admission,
+    authenticator: auth.Authenticator | None,
 ) -> ActivityPage | None:
     """Build the page and attach it to the HTTP side port (or its own ``page_port``).
 
@@ -397,10 +455,15 @@ async def start_page(
     """
     if not settings.page_enabled:
         return None
-    page = ActivityPage(store, hub, settings)
+    tokens = authenticator.table if authenticator is not None else None
+    page = ActivityPage(store, hub, settings, admission, tokens)
     if settings.page_port is None:
         http.page = page
-        logger.info("Activity page is served on the HTTP side port")
+        logger.info(
+            "Activity page is served on http://%s:%d/ (the HTTP side port)",
+            settings.metrics_host,
+            http.port,
+        )
     else:
         await page.listen(settings.metrics_host, settings.page_port)
     return page

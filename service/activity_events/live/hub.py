@@ -1,10 +1,23 @@
 """The follower hub: one blocking XREAD per replica, fanned out to followers.
 
 Followers never read Redis themselves. Each replica runs one loop that
-blocks on XREAD over every stream some follower watches and copies new entries
-into bounded per-follower queues, so Redis connections grow with replicas, not
-with followers. A follower whose queue is full is marked lagged and dropped;
-it resumes from its last cursor.
+blocks on XREAD over every stream some follower watches and appends new
+entries to a **shared log** per followed deployment (and one for followers of
+all deployments), so Redis connections grow with replicas, not with
+followers, and an event costs the same whether one follower or thousands
+watch it:
+
+- a follower is a position in its log, not a queue: taking its next batch is
+  a slice, and every encoding of an event (the WatchEvents piece, the page's
+  Server-Sent Events frame) is made once and shared (:meth:`LiveEvent.encoded`);
+- a log keeps the newest ``follower_queue`` events and at most
+  ``live_log_bytes``; a follower whose position fell off its start has lagged
+  and is ended with RESOURCE_EXHAUSTED and its last cursor (during its history
+  phase it re-reads from Redis instead);
+- waking followers costs CPU per follower, so the hub wakes them at most
+  ``live_wakeups_per_second`` times a second in all: with many followers it
+  waits a little between reads and hands each follower a bigger batch.
+  Latency grows with the number of followers; writers keep their share.
 
 Gap-free hand-over from history to live: :meth:`Hub.subscribe` starts the
 hub's read position of a newly watched stream at the stream's current last
@@ -20,19 +33,19 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
 from activity_events.domain.errors import FollowerLagged, StoreUnavailable
 from activity_events.domain.events import Cursor, StoredEvent
+from activity_events.domain.limits import ALL
 from activity_events.redis import keys
-from activity_events.redis.store import REDIS_DOWN, EventStore, _stored
+from activity_events.redis.lanes import REDIS_DOWN
+from activity_events.redis.store import EventStore, stored
 
 logger = logging.getLogger(__name__)
-
-ALL = 0
-"""Deployment id meaning "every deployment"."""
 
 READ_COUNT = 1000
 """Most entries per stream one XREAD returns; more arrive on the next read."""
@@ -40,59 +53,124 @@ READ_COUNT = 1000
 BACKOFF_MAX = 5.0
 """Longest wait between reconnect attempts while Redis is down."""
 
+MAX_PAUSE_SECONDS = 1.0
+"""Longest pause between two reads that the wake-up budget imposes."""
 
-class Subscription:
-    """A follower's bounded queue of live events.
+EVENT_OVERHEAD_BYTES = 200
+"""Memory of a live event besides its payload (objects, cursor, log slot)."""
 
-    ``lagged`` is set when the hub could not enqueue an event because the queue
-    was full; from then on nothing more is queued. During its history phase a
-    follower may :meth:`reset` and catch up from Redis instead; once live, a
-    lagged follower is ended.
+
+@dataclass(slots=True)
+class LiveEvent(StoredEvent):
+    """A stored event as the hub delivers it, with its encodings made once."""
+
+    cache: dict[Any, bytes] | None = field(default=None, repr=False, compare=False)
+
+    def encoded(self, codec: Callable[[StoredEvent], bytes]) -> bytes:
+        """``codec(self)``, computed once for all followers that need it."""
+        cache = self.cache
+        if cache is None:
+            cache = self.cache = {}
+        found = cache.get(codec)
+        if found is None:
+            found = cache[codec] = codec(self)
+        return found
+
+
+class Log:
+    """The recent live events of one deployment (or of all), shared by its followers."""
+
+    __slots__ = ("base", "events", "followers", "size", "waiters")
+
+    def __init__(self) -> None:
+        self.events: list[LiveEvent] = []
+        self.base = 0
+        """Position of ``events[0]``: positions grow by one per event, forever."""
+        self.size = 0
+        """Bytes the events hold (payloads plus EVENT_OVERHEAD_BYTES each)."""
+        self.followers: set[Follower] = set()
+        self.waiters: list[asyncio.Future[None]] = []
+
+    @property
+    def end(self) -> int:
+        return self.base + len(self.events)
+
+    def append(self, batch: list[LiveEvent], max_events: int, max_bytes: int) -> None:
+        self.events.extend(batch)
+        self.size += sum(len(e.payload) for e in batch) + EVENT_OVERHEAD_BYTES * len(batch)
+        if len(self.events) > max_events or self.size > max_bytes:
+            # Drop from the front down to 3/4 of the bounds, so trimming (a copy)
+            # happens once per quarter of the log, not on every append.
+            keep_events = max_events * 3 // 4
+            keep_bytes = max_bytes * 3 // 4
+            drop = max(0, len(self.events) - keep_events)
+            size = self.size - sum(
+                len(e.payload) + EVENT_OVERHEAD_BYTES for e in self.events[:drop]
+            )
+            while drop < len(self.events) - 1 and size > keep_bytes:
+                size -= len(self.events[drop].payload) + EVENT_OVERHEAD_BYTES
+                drop += 1
+            del self.events[:drop]
+            self.base += drop
+            self.size = size
+
+    def wake(self) -> int:
+        """Wake every waiting follower; how many there were."""
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        return len(waiters)
+
+
+class Follower:
+    """One follower of a deployment (or ALL): a position in the hub's shared log.
+
+    ``lagged`` when its position fell off the log's start. During its history
+    phase a follower may :meth:`reset` (skip to the end of the log) and catch
+    up from Redis instead; once live, a lagged follower is ended.
     """
 
-    def __init__(self, hub: Hub, deployment_id: int, size: int) -> None:
+    __slots__ = ("closed", "deployment_id", "hub", "log", "position")
+
+    def __init__(self, hub: Hub, deployment_id: int, log: Log) -> None:
         self.hub = hub
         self.deployment_id = deployment_id
-        self.queue: asyncio.Queue[StoredEvent] = asyncio.Queue(size)
-        self.lagged = False
-        self._wake = asyncio.Event()
+        self.log = log
+        self.position = log.end
         self.closed = False
 
-    def offer(self, event: StoredEvent) -> None:
-        if self.lagged:
-            return
-        try:
-            self.queue.put_nowait(event)
-        except asyncio.QueueFull:
-            self.lagged = True
-        self._wake.set()
+    @property
+    def lagged(self) -> bool:
+        return self.position < self.log.base
+
+    @property
+    def behind(self) -> int:
+        """Events in the log this follower has not taken yet."""
+        return self.log.end - self.position
 
     def reset(self) -> None:
-        """Forget queued events and the lagged mark (the follower re-reads history)."""
-        while not self.queue.empty():
-            self.queue.get_nowait()
-        self.lagged = False
+        """Forget the backlog and the lagged mark (the follower re-reads history)."""
+        self.position = self.log.end
 
-    def interrupt(self) -> None:
-        """Wake a waiting follower, e.g. at shutdown or when the hub stops."""
-        self._wake.set()
+    async def next_batch(self, last_cursor: str | None, max_events: int) -> list[LiveEvent]:
+        """Wait for events and return up to ``max_events`` of them.
 
-    async def next_batch(self, last_cursor: str | None, max_events: int) -> list[StoredEvent]:
-        """Wait for queued events and return up to ``max_events`` of them.
-
-        Raises FollowerLagged when the queue overflowed, and returns an empty
-        list when woken without events (shutdown: the caller checks).
+        Raises FollowerLagged when the follower fell off the log, and returns
+        an empty list when woken without events (shutdown: the caller checks).
         """
-        while self.queue.empty() and not self.lagged:
-            self._wake.clear()
-            if self.hub.stopping:
+        log = self.log
+        while self.position >= log.end:
+            if self.hub.stopping or self.closed:
                 return []
-            await self._wake.wait()
-        if self.lagged:
+            waiter = asyncio.get_running_loop().create_future()
+            log.waiters.append(waiter)
+            await waiter
+        if self.position < log.base:
             raise FollowerLagged(last_cursor)
-        batch: list[StoredEvent] = []
-        while not self.queue.empty() and len(batch) < max_events:
-            batch.append(self.queue.get_nowait())
+        start = self.position - log.base
+        batch = log.events[start : start + max_events]
+        self.position += len(batch)
         return batch
 
     def close(self) -> None:
@@ -217,15 +295,19 @@ class Hub:
         store: EventStore,
         *,
         block_ms: int,
-        queue_size: int,
+        log_events: int,
+        log_bytes: int,
+        wakeups_per_second: float,
         on_delivery: Callable[[StoredEvent], None] | None = None,
     ) -> None:
         self._reader = reader
         self._store = store
         self._block_ms = block_ms
-        self._queue_size = queue_size
+        self._log_events = log_events
+        self._log_bytes = log_bytes
+        self._wakeups = wakeups_per_second
         self._on_delivery = on_delivery
-        self._followers: dict[int, set[Subscription]] = {}
+        self._logs: dict[int, Log] = {}
         self._positions: dict[int, bytes] = {}
         self._new_tail: bytes | None = None
         self._changed = asyncio.Event()
@@ -236,11 +318,16 @@ class Hub:
 
     @property
     def follower_count(self) -> int:
-        return sum(len(s) for s in self._followers.values())
+        return sum(len(log.followers) for log in self._logs.values())
 
     @property
     def watched_streams(self) -> int:
         return len(self._positions)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes the shared logs hold now."""
+        return sum(log.size for log in self._logs.values())
 
     def start(self) -> None:
         if self._task is None:
@@ -249,9 +336,8 @@ class Hub:
     async def stop(self) -> None:
         """End the read loop and wake every follower so its stream can end."""
         self.stopping = True
-        for subs in self._followers.values():
-            for sub in subs:
-                sub.interrupt()
+        for log in self._logs.values():
+            log.wake()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -261,22 +347,25 @@ class Hub:
             self._reading.cancel()
         await self._reader.close()
 
-    async def subscribe(self, deployment_id: int) -> Subscription:
+    async def subscribe(self, deployment_id: int) -> Follower:
         """Register a follower of one deployment (or ALL); see the module docstring."""
         if self.stopping:
             raise StoreUnavailable("server is shutting down")
-        sub = Subscription(self, deployment_id, self._queue_size)
         async with self._lock:
             if deployment_id == ALL:
-                if ALL not in self._followers:
+                if ALL not in self._logs:
                     await self._track_all()
             elif deployment_id not in self._positions:
                 last = await self._store.last_entry(deployment_id)
                 self._positions[deployment_id] = last.entry_id.encode()
                 self._interrupt_read()
-            self._followers.setdefault(deployment_id, set()).add(sub)
+            log = self._logs.get(deployment_id)
+            if log is None:
+                log = self._logs[deployment_id] = Log()
+            follower = Follower(self, deployment_id, log)
+            log.followers.add(follower)
         self._changed.set()
-        return sub
+        return follower
 
     async def _track_all(self) -> None:
         self._new_tail = await self._store.new_deployments_tail()
@@ -288,19 +377,19 @@ class Hub:
                 self._positions[d] = cursor.entry_id.encode()
         self._interrupt_read()
 
-    def _remove(self, sub: Subscription) -> None:
-        subs = self._followers.get(sub.deployment_id)
-        if subs is None:
+    def _remove(self, follower: Follower) -> None:
+        log = self._logs.get(follower.deployment_id)
+        if log is None or follower not in log.followers:
             return
-        subs.discard(sub)
-        if subs:
+        log.followers.discard(follower)
+        if log.followers:
             return
-        del self._followers[sub.deployment_id]
-        if sub.deployment_id == ALL:
+        del self._logs[follower.deployment_id]
+        if follower.deployment_id == ALL:
             self._new_tail = None
-            stale = [d for d in self._positions if d not in self._followers]
+            stale = [d for d in self._positions if d not in self._logs]
         else:
-            stale = [] if ALL in self._followers else [sub.deployment_id]
+            stale = [] if ALL in self._logs else [follower.deployment_id]
         for d in stale:
             self._positions.pop(d, None)
         if stale:
@@ -344,14 +433,18 @@ class Hub:
                 self._reading = None
             backoff = 0.1
             if reply:
-                await self._dispatch(reply)
+                woken = self._dispatch(reply)
+                if woken and self._wakeups > 0:
+                    # The wake-up budget: the next batch waits in Redis meanwhile.
+                    await asyncio.sleep(min(MAX_PAUSE_SECONDS, woken / self._wakeups))
 
     async def _read(self, streams: dict[str, bytes]) -> Reply:
         return await self._reader.read(streams, READ_COUNT, self._block_ms)
 
-    async def _dispatch(self, reply: Reply) -> None:
+    def _dispatch(self, reply: Reply) -> int:
+        """Append what a read returned to the logs; how many followers were woken."""
         announced: list[int] = []
-        delivered: list[StoredEvent] = []
+        delivered: list[LiveEvent] = []
         for raw_key, rows in reply:
             key = raw_key.decode()
             if not rows:
@@ -366,21 +459,32 @@ class Hub:
             if d not in self._positions:
                 continue  # no longer watched
             self._positions[d] = rows[-1][0]
-            delivered += [_stored(d, entry, fields) for entry, fields in rows]
-        # One ordered fan-out: by entry id, then deployment, like history_all.
-        delivered.sort(key=lambda e: e.cursor.key())
-        everyone = self._followers.get(ALL, set())
-        for event in delivered:
-            for sub in self._followers.get(event.cursor.deployment_id, ()):
-                sub.offer(event)
-            for sub in everyone:
-                sub.offer(event)
-            if self._on_delivery is not None:
-                self._on_delivery(event)
-        if announced and ALL in self._followers:
+            for entry, fields in rows:
+                event = stored(d, entry, fields)
+                delivered.append(LiveEvent(event.cursor, event.payload))
+        woken = 0
+        if delivered:
+            # One ordered fan-out: by entry id, then deployment, like history_all.
+            delivered.sort(key=lambda e: e.cursor.key())
+            by_deployment: dict[int, list[LiveEvent]] = {}
+            for event in delivered:
+                by_deployment.setdefault(event.cursor.deployment_id, []).append(event)
+                if self._on_delivery is not None:
+                    self._on_delivery(event)
+            for d, events in by_deployment.items():
+                log = self._logs.get(d)
+                if log is not None:
+                    log.append(events, self._log_events, self._log_bytes)
+                    woken += log.wake()
+            everyone = self._logs.get(ALL)
+            if everyone is not None:
+                everyone.append(delivered, self._log_events, self._log_bytes)
+                woken += everyone.wake()
+        if announced and ALL in self._logs:
             for d in announced:
                 # A deployment new to this hub is read from its very first entry.
                 self._positions.setdefault(d, b"0-0")
+        return woken
 
 
 def last_cursor(seen: dict[int, Cursor]) -> str | None:

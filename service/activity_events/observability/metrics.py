@@ -138,11 +138,63 @@ class ServiceMetrics:
             "Followers ended with RESOURCE_EXHAUSTED because they fell too far behind.",
             registry=registry,
         )
+        self.live_buffered_bytes = Gauge(
+            "activity_live_buffered_bytes",
+            "Bytes of live events the follower hub holds for followers that are behind.",
+            registry=registry,
+        )
         self.hub_lag = Histogram(
             "activity_hub_lag_seconds",
             "Time from XADD (the stream entry id's milliseconds) to handing the event "
             "to a follower's queue.",
             buckets=LAG_BUCKETS,
+            registry=registry,
+        )
+
+        # --- under load ---------------------------------------------------------------
+        self.load_shed = Counter(
+            "activity_load_shed",
+            "Calls and streams refused or ended on purpose to protect the service, by "
+            "admission class and reason (inflight: the class budget; followers, "
+            "page_streams, consumers: a stream kind's limit; redis_pool: no Redis connection "
+            "of the lane came free in time; stalled: the client stopped reading).",
+            ["class", "reason"],
+            registry=registry,
+        )
+        self.inflight = Gauge(
+            "activity_inflight",
+            "Calls (and open streams) in progress, by admission class.",
+            ["class"],
+            registry=registry,
+        )
+        self.inflight_limit = Gauge(
+            "activity_inflight_limit",
+            "The admission budget of each class (max_inflight_*, max_streams).",
+            ["class"],
+            registry=registry,
+        )
+        self.streams_open = Gauge(
+            "activity_streams_open",
+            "Long-lived streams open now, by kind (followers, page_streams, consumers).",
+            ["kind"],
+            registry=registry,
+        )
+        self.streams_limit = Gauge(
+            "activity_streams_limit",
+            "The limit of each stream kind (max_followers, max_page_streams, max_consumers).",
+            ["kind"],
+            registry=registry,
+        )
+        self.redis_lane_busy = Gauge(
+            "activity_redis_lane_busy_connections",
+            "Redis connections of each lane (writes, reads, streams) in use now.",
+            ["lane"],
+            registry=registry,
+        )
+        self.redis_lane_connections = Gauge(
+            "activity_redis_lane_connections",
+            "Redis connections of each lane (redis_*_connections).",
+            ["lane"],
             registry=registry,
         )
 

@@ -35,15 +35,14 @@ from redis import exceptions as rexc
 
 from activity_events.domain.errors import InvalidArgument, NotFound, StoreUnavailable
 from activity_events.domain.events import Cursor, StoredEvent
+from activity_events.domain.limits import ALL
 from activity_events.redis import keys
-from activity_events.redis.store import EventStore, LuaScript
+from activity_events.redis.scripts import LuaScript, run_pipelined
+from activity_events.redis.store import Batch, EventStore
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-ALL = 0
-"""Deployment id meaning "every deployment"."""
 
 DEFAULT_VISIBILITY_MS = 30_000
 DEFAULT_MAX_DELIVERIES = 5
@@ -243,13 +242,12 @@ def _is(error: object, code: str) -> bool:
     return isinstance(error, rexc.ResponseError) and str(error).startswith(code)
 
 
-class SubscriptionStore:
-    """Consumer-group operations; see the module docstring. Every public call is
+class ConsumerGroups:
+    """A subscription's consumer groups in Redis; see the module docstring. Every public call is
     bounded by ``redis_timeout_seconds`` (StoreUnavailable past it)."""
 
     def __init__(self, store: EventStore, metrics: SubscriptionMetrics) -> None:
         self._store = store
-        self._redis = store.redis
         self.metrics = metrics
         self._claim = LuaScript("subscription_claim.lua")
         self._replay = LuaScript("subscription_replay.lua")
@@ -257,11 +255,11 @@ class SubscriptionStore:
     # -- registry ----------------------------------------------------------------
 
     async def get(self, name: str) -> SubscriptionConfig | None:
-        raw = await self._store.bounded(self._redis.hget(keys.SUBSCRIPTIONS, name))
+        raw = await self._store.run(lambda r: r.hget(keys.SUBSCRIPTIONS, name))
         return None if raw is None else SubscriptionConfig.from_json(raw)
 
     async def all(self) -> list[SubscriptionConfig]:
-        rows: Any = await self._store.bounded(self._redis.hgetall(keys.SUBSCRIPTIONS))
+        rows: Any = await self._store.run(lambda r: r.hgetall(keys.SUBSCRIPTIONS))
         configs = [SubscriptionConfig.from_json(raw) for raw in rows.values()]
         return sorted(configs, key=lambda c: c.name)
 
@@ -307,7 +305,7 @@ class SubscriptionStore:
         if changes:
             values = asdict(config) | changes
             config = SubscriptionConfig(**values)
-            await self._store.bounded(self._redis.hset(keys.SUBSCRIPTIONS, name, config.to_json()))
+            await self._store.run(lambda r: r.hset(keys.SUBSCRIPTIONS, name, config.to_json()))
             logger.info("subscription %s updated: %s", name, changes)
         return config
 
@@ -321,7 +319,7 @@ class SubscriptionStore:
         visibility_ms: int,
         max_deliveries: int,
     ) -> SubscriptionConfig:
-        reply: Any = await self._store.bounded(self._redis.time())
+        reply: Any = await self._store.run(lambda r: r.time())
         if isinstance(reply, dict):  # Cluster: one answer per node asked
             reply = next(iter(reply.values()))
         seconds, micros = reply
@@ -341,8 +339,8 @@ class SubscriptionStore:
             floor_ms=floor[1],
             floor_seq=floor[2],
         )
-        created = await self._store.bounded(
-            self._redis.hsetnx(keys.SUBSCRIPTIONS, name, config.to_json())
+        created = await self._store.run(
+            lambda r: r.hsetnx(keys.SUBSCRIPTIONS, name, config.to_json())
         )
         if not created:  # another consumer created it first: theirs wins
             winner = await self.get(name)
@@ -363,19 +361,19 @@ class SubscriptionStore:
     ) -> None:
         """Create the subscription's group on these deployments' streams (existing ones stay)."""
         for start in range(0, len(deployment_ids), CHUNK):
-            pipe = self._redis.pipeline(transaction=False)
+            pipe = Batch()
             for d in deployment_ids[start : start + CHUNK]:
                 pipe.xgroup_create(
                     keys.events(d), config.name, config.group_start(d), mkstream=True
                 )
-            replies = await self._store.bounded(pipe.execute(raise_on_error=False))
+            replies = await self._store.run_batch(pipe)
             for reply in replies:
                 if isinstance(reply, Exception) and not _is(reply, "BUSYGROUP"):
                     raise StoreUnavailable(f"cannot create consumer group: {reply}")
 
     async def replaying(self, config: SubscriptionConfig) -> list[int]:
         """Deployments whose replay stream the subscription's consumers read."""
-        rows: Any = await self._store.bounded(self._redis.smembers(keys.replaying(config.name)))
+        rows: Any = await self._store.run(lambda r: r.smembers(keys.replaying(config.name)))
         return sorted(int(r) for r in rows)
 
     # -- delivery ----------------------------------------------------------------
@@ -391,10 +389,10 @@ class SubscriptionStore:
         later = set(sources[cut:])
         sources = list(sources[:cut])
         each = count // len(sources)
-        pipe = self._redis.pipeline(transaction=False)
+        pipe = Batch()
         for key in sources:
             pipe.xreadgroup(config.name, consumer, {key: ">"}, count=each)
-        replies = await self._store.bounded(pipe.execute(raise_on_error=False))
+        replies = await self._store.run_batch(pipe)
         out: list[Delivered] = []
         more: set[str] = later
         missing: list[int] = []
@@ -450,7 +448,7 @@ class SubscriptionStore:
                 break
             chunk = sources[start : start + CHUNK]
             want = count - len(out)
-            replies = await self._store.bounded(self._run_claims(config, consumer, chunk, want))
+            replies = await self._claims(config, consumer, chunk, want)
             dead = 0
             for key, reply in zip(chunk, replies, strict=True):
                 if isinstance(reply, Exception):
@@ -470,37 +468,33 @@ class SubscriptionStore:
             self.metrics.delivered.labels(config.name).inc(len(out))
         return out
 
-    async def _run_claims(
+    async def _dead_letter_page(self, key: str, start: str, count: int) -> Any:
+        return await self._store.run(lambda r: r.xrange(key, start, "+", count=count))
+
+    async def _claims(
         self, config: SubscriptionConfig, consumer: str, sources: Sequence[str], want: int
     ) -> list[Any]:
-        def args(key: str) -> list[Any]:
+        return await self._store.run(lambda r: self._run_claims(r, config, consumer, sources, want))
+
+    async def _run_claims(
+        self,
+        client: Any,
+        config: SubscriptionConfig,
+        consumer: str,
+        sources: Sequence[str],
+        want: int,
+    ) -> list[Any]:
+        def call(key: str) -> tuple[list[str], list[Any]]:
             d = keys.deployment_of(key)
             replay = "0" if key == keys.events(d) else "1"
-            return [
-                2,
-                key,
-                keys.dead_letters(d, config.name),
-                config.name,
-                consumer,
-                config.visibility_ms,
-                want,
-                config.max_deliveries,
-                replay,
-                DEAD_LETTER_MAX_LEN,
-            ]
+            args = [config.name, consumer, config.visibility_ms, want, config.max_deliveries]
+            return [key, keys.dead_letters(d, config.name)], [*args, replay, DEAD_LETTER_MAX_LEN]
 
-        for attempt in range(2):
-            pipe = self._redis.pipeline(transaction=False)
-            for key in sources:
-                # execute_command: redis-py refuses pipe.evalsha on Cluster; the
-                # script touches one deployment's keys, so any shape can run it.
-                pipe.execute_command("EVALSHA", self._claim.sha, *args(key))
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
-            if not any(isinstance(r, rexc.NoScriptError) for r in replies):
-                return replies
-            if attempt == 0:
-                await self._redis.script_load(self._claim.source)
-        raise StoreUnavailable("subscription claim script could not be loaded")
+        # EVALSHA through execute_command: redis-py refuses pipe.evalsha on
+        # Cluster; the script touches one deployment's keys, so any shape runs it.
+        lane = self._store.lanes.current()
+        _, replies, _ = await run_pipelined(lane, self._claim, [call(key) for key in sources])
+        return replies
 
     async def ack(self, config: SubscriptionConfig, delivered: Iterable[Delivered]) -> int:
         """Acknowledge delivered events (replayed ones are also deleted from
@@ -510,12 +504,12 @@ class SubscriptionStore:
             by_source.setdefault(item.source, []).append(item.entry)
         if not by_source:
             return 0
-        pipe = self._redis.pipeline(transaction=False)
+        pipe = Batch()
         for source, entries in by_source.items():
             pipe.xack(source, config.name, *entries)
             if source != keys.events(keys.deployment_of(source)):
                 pipe.xdel(source, *entries)
-        replies = await self._store.bounded(pipe.execute(raise_on_error=False))
+        replies = await self._store.run_batch(pipe)
         acked = 0
         reply_iter = iter(replies)
         for source in by_source:
@@ -542,17 +536,17 @@ class SubscriptionStore:
         consumers: set[bytes] = set()
         for start in range(0, len(deployments), CHUNK):
             chunk = deployments[start : start + CHUNK]
-            pipe = self._redis.pipeline(transaction=False)
+            pipe = Batch()
             for d in chunk:
                 pipe.xinfo_groups(keys.events(d))
                 pipe.xlen(keys.dead_letters(d, config.name))
                 if d in replaying:
                     pipe.xinfo_groups(keys.replays(d, config.name))
                     pipe.xlen(keys.replays(d, config.name))
-            replies = iter(await self._store.bounded(pipe.execute(raise_on_error=False)))
+            replies = iter(await self._store.run_batch(pipe))
             # Follow-ups, in a second round trip: "lag" (counted or a whole
             # untouched stream) and consumer names.
-            follow = self._redis.pipeline(transaction=False)
+            follow = Batch()
             kinds: list[str] = []
             for d in chunk:
                 key = keys.events(d)
@@ -583,7 +577,7 @@ class SubscriptionStore:
                         lag += max(0, length - replay_pending)
             if not kinds:
                 continue
-            answers = await self._store.bounded(follow.execute(raise_on_error=False))
+            answers = await self._store.run_batch(follow)
             for kind, answer in zip(kinds, answers, strict=True):
                 if isinstance(answer, Exception):
                     continue
@@ -601,7 +595,7 @@ class SubscriptionStore:
         config = await self.get(name)
         if config is None:
             raise NotFound(f"subscription {name!r} does not exist")
-        removed = await self._store.bounded(self._redis.hdel(keys.SUBSCRIPTIONS, name))
+        removed = await self._store.run(lambda r: r.hdel(keys.SUBSCRIPTIONS, name))
         if not removed:
             raise NotFound(f"subscription {name!r} does not exist")
         deployments = sorted(
@@ -610,14 +604,14 @@ class SubscriptionStore:
         dead = 0
         for start in range(0, len(deployments), CHUNK):
             chunk = deployments[start : start + CHUNK]
-            pipe = self._redis.pipeline(transaction=False)
+            pipe = Batch()
             for d in chunk:
                 pipe.xlen(keys.dead_letters(d, name))
                 pipe.xgroup_destroy(keys.events(d), name)
                 pipe.delete(keys.dead_letters(d, name), keys.replays(d, name))
-            replies = await self._store.bounded(pipe.execute(raise_on_error=False))
+            replies = await self._store.run_batch(pipe)
             dead += sum(_int(r) for r in replies[0::3])
-        await self._store.bounded(self._redis.delete(keys.replaying(name)))
+        await self._store.run(lambda r: r.delete(keys.replaying(name)))
         self.metrics.forget(name)
         logger.info("subscription %s deleted with %d dead letters", name, dead)
         return dead
@@ -640,10 +634,8 @@ class SubscriptionStore:
             start = "-"
             if after is not None and d == after.deployment_id:
                 start = "(" + after.entry_id
-            rows: Any = await self._store.bounded(
-                self._redis.xrange(
-                    keys.dead_letters(d, config.name), start, "+", count=count - len(out) + 1
-                )
+            rows = await self._dead_letter_page(
+                keys.dead_letters(d, config.name), start, count - len(out) + 1
             )
             for entry, fields in rows:
                 if len(out) == count:
@@ -691,17 +683,15 @@ class SubscriptionStore:
                     if n < 500:
                         break
         if touched:
-            await self._store.bounded(
-                self._redis.sadd(keys.replaying(config.name), *[str(d) for d in touched])
+            await self._store.run(
+                lambda r: r.sadd(keys.replaying(config.name), *[str(d) for d in touched])
             )
         logger.info("subscription %s: %d dead letters replayed", config.name, moved)
         return moved
 
     async def _replay_one(self, config: SubscriptionConfig, d: int, args: list[Any]) -> int:
         keys_ = [keys.dead_letters(d, config.name), keys.replays(d, config.name)]
-        return int(
-            await self._store.bounded(self._replay(self._redis, keys_, [config.name, *args]))
-        )
+        return int(await self._store.run(lambda r: self._replay(r, keys_, [config.name, *args])))
 
 
 def _int(value: Any) -> int:
