@@ -52,14 +52,13 @@ in a dedup bucket it did not name (see _script_call)."""
 COALESCE_MAX = 512
 """Most concurrent unary creates sent to Redis in one round trip."""
 
-import os as _os  # EXPERIMENT
 
-FLUSHES_IN_FLIGHT = int(_os.environ.get("X_FLUSHES", "2"))
+FLUSHES_IN_FLIGHT = 2
 """Round trips of coalesced creates in flight at once. While they are, new creates
 wait for the next one (group commit): under load batches grow instead of round
 trips multiplying, and a lone create still goes out at once."""
 
-LINGER_SECONDS = float(_os.environ.get("X_LINGER", "0.002"))
+LINGER_SECONDS = 0.002
 """Longest a create waits for others to share its round trip, and only while
 creates arrive more often than that (a lone create is sent at once). A Redis
 round trip costs this process far more CPU than gRPC's per-call share, so under
