@@ -314,36 +314,41 @@ async def test_live_streams_are_bounded_and_end_when_dropped(page_factory: PageF
 async def test_a_stream_that_falls_behind_ends_and_resumes_without_gap(
     page_factory: PageFactory,
 ) -> None:
-    """Like a gRPC follower, a stream whose queue overflows is ended, never left to grow;
-    the browser's reconnect with Last-Event-ID then reads the rest from history."""
+    """Like a gRPC follower, a stream that falls further behind than the hub keeps is
+    ended, never left to grow; the browser's reconnect with Last-Event-ID then reads
+    the rest from history. The browser here stops reading until its socket is full."""
     server = await page_factory(follower_queue=2)
     stream = await EventStream.open(server.port, "/api/deployments/6/stream?after=0-0")
-    burst = pb.CreateEventsRequest(
-        events=[pb.EventRequest(id=i, deployment_id=6, message=f"burst {i}") for i in range(1, 41)]
-    )
+    big = "x" * 30_000
     received: list[dict[str, Any]] = []
     try:
         assert (await stream.message())["event"] == "live"
-        await server.stub.CreateEvents(burst, timeout=TIMEOUT)
+        for batch in range(10):  # ten appends, each its own chunk of the hub's log
+            events = [
+                pb.EventRequest(id=batch * 20 + n, deployment_id=6, message=f"{n} {big}")
+                for n in range(1, 21)
+            ]
+            await server.stub.CreateEvents(pb.CreateEventsRequest(events=events), timeout=TIMEOUT)
+            await asyncio.sleep(0.05)
         with contextlib.suppress(asyncio.IncompleteReadError):
-            while len(received) < 40:
+            while len(received) < 200:
                 message = await stream.message()
                 if message.get("event") == "event":
                     received.append(message)
     finally:
         await stream.close()
-    assert len(received) < 40  # the overflowing stream was ended
+    assert len(received) < 200  # the stream that fell behind was ended
     resumed = await EventStream.open(
         server.port,
         "/api/deployments/6/stream?after=0-0",
         {"Last-Event-ID": received[-1]["id"] if received else "0-0"},
     )
     try:
-        rest = await resumed.events(40 - len(received))
+        rest = await resumed.events(200 - len(received))
     finally:
         await resumed.close()
     ids = [m["data"]["id"] for m in received + rest]
-    assert ids == list(range(1, 41))
+    assert ids == list(range(1, 201))
 
 
 async def test_a_browser_too_far_behind_is_told_to_reset(

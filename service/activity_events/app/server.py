@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -42,11 +43,29 @@ async def serve(settings: Settings) -> int:
             logger.error("start-up failed: %s", exc)
             await app.stop(0)
             return 1
+        tune_gc()
         await stop.wait()
         await app.stop()
         return 0
     finally:
         shutdown_tracing(tracer_provider)
+
+
+GC_THRESHOLD = 20_000
+"""Allocations between two young-generation collections (Python's default is 700).
+
+A busy server allocates a few dozen short-lived objects per call and message;
+with the default, the collector ran every few calls and took a fifth of the
+CPU under a fan-out to thousands of streams. Nearly all of those objects die
+young, so collecting less often finds the same garbage for far less work."""
+
+
+def tune_gc() -> None:
+    """Once started: move everything made so far (modules, the server itself) out
+    of the collector's sight for good, and collect the young generation less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def main(argv: list[str] | None = None) -> int:

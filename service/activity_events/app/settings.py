@@ -121,7 +121,7 @@ class Settings(BaseSettings):
         "RESOURCE_EXHAUSTED (writes are coalesced, so this is a memory bound).",
     )
     max_inflight_reads: int = Field(
-        32,
+        16,
         gt=0,
         description="History reads (ListEvents, WatchEvents without follow), listings, admin "
         "calls and page API requests in progress at once; beyond it RESOURCE_EXHAUSTED.",
@@ -143,6 +143,18 @@ class Settings(BaseSettings):
     )
     max_consumers: int = Field(
         1000, gt=0, description="Subscribe consumers at once (within max_streams)."
+    )
+    reads_per_turn: int = Field(
+        1,
+        gt=0,
+        description="Messages history streams may send per event-loop turn, all together, so "
+        "that reads cannot crowd writes out of the event loop.",
+    )
+    streams_per_turn: int = Field(
+        4,
+        gt=0,
+        description="Messages long-lived streams (followers, page streams, consumers) may send "
+        "per event-loop turn, all together.",
     )
     stream_stall_seconds: float = Field(
         30.0,
@@ -171,7 +183,7 @@ class Settings(BaseSettings):
         "follower_queue, whichever is reached first).",
     )
     live_wakeups_per_second: float = Field(
-        10000,
+        5000,
         ge=0,
         description="Follower wake-ups per second, all followers together: with many "
         "followers live events come in bigger, rarer batches so writers keep their share "

@@ -229,11 +229,16 @@ class Consumer:
                 self.sweep_now = True
                 self.wake.set()
                 continue
-            if not batch:  # the hub is stopping
-                self.wake.set()
-                return
-            for event in batch:
-                self.hinted.add(keys.events(event.cursor.deployment_id))
+            if not batch:
+                if self.hub.stopping:
+                    self.wake.set()
+                    return
+                continue
+            if follower.deployment_id != ALL:
+                self.hinted.add(keys.events(follower.deployment_id))
+            else:
+                for event in batch.events():
+                    self.hinted.add(keys.events(event.cursor.deployment_id))
             self.wake.set()
 
     # -- the loop ------------------------------------------------------------------

@@ -85,15 +85,30 @@ class ActivityEventsService:
         self._hub = hub
         self._settings = settings
         self._metrics = metrics
+        self._counters = (
+            {
+                Outcome.CREATED: metrics.events_appended,
+                Outcome.DUPLICATE: metrics.events_duplicates,
+                Outcome.CONFLICT: metrics.events_conflicts,
+                Outcome.EXHAUSTED: metrics.events_invalid,
+            }
+            if metrics is not None
+            else {}
+        )
         self._buffer = settings.stream_buffer_bytes
         self._max_message = min(MAX_RESPONSE_BYTES, max(4096, self._buffer // 2))
 
-    def _count(self, results: Iterable[AppendResult], invalid: int = 0) -> None:
+    def _count(self, results: Iterable[AppendResult] | AppendResult, invalid: int = 0) -> None:
         """Event outcomes into the service metrics (EXHAUSTED is answered as INVALID)."""
-        if self._metrics is None:
+        metrics = self._metrics
+        if metrics is None:
+            return
+        if isinstance(results, AppendResult):  # one create: the common case, no Counter
+            counter = self._counters[results.outcome]
+            counter.inc()
             return
         outcomes = Counter(result.outcome for result in results)
-        self._metrics.record_outcomes(
+        metrics.record_outcomes(
             created=outcomes[Outcome.CREATED],
             duplicates=outcomes[Outcome.DUPLICATE],
             conflicts=outcomes[Outcome.CONFLICT],
@@ -110,7 +125,7 @@ class ActivityEventsService:
             raise
         receive = time.time_ns()
         result = await self._store.append_one(new, receive)
-        self._count([result])
+        self._count(result)
         if result.outcome is Outcome.CONFLICT:
             raise Conflict(
                 f"id: event {request.id} of deployment {request.deployment_id} already exists "
@@ -240,15 +255,28 @@ class ActivityEventsService:
             position = watch.last
 
     async def _live(self, watch: _Watch, follower: Follower) -> AsyncIterator[bytes]:
+        """Live events as the hub appends them. Events the follower's log held
+        before history ended may repeat what history sent, and a limit counts
+        events: those batches are looked at event by event. Every later batch
+        goes out as slices of the log's shared encodings, whatever its size."""
         page_size = self._settings.page_size
+        overlap_until = follower.log.end
         while not self._hub.stopping:
+            start = follower.position
             batch = await follower.next_batch(watch.resume_hint(), page_size)
-            fresh = watch.fresh(batch)
-            if fresh:
-                pieces = (event.encoded(wire.watch_piece) for event in fresh)
-                for message in wire.watch_responses_from_pieces(pieces, self._max_message):
+            if not batch:
+                continue
+            if start >= overlap_until and watch.remaining is None:
+                watch.sent_live(batch.run_lasts())
+                for message in batch.messages(wire.watch_piece, self._max_message):
                     yield message
-                note_cursor(str(watch.last))
+            else:
+                fresh = watch.fresh(batch.events())
+                if fresh:
+                    pieces = (event.encoded(wire.watch_piece) for event in fresh)
+                    for message in wire.watch_responses_from_pieces(pieces, self._max_message):
+                        yield message
+            note_cursor(str(watch.last))
             if watch.done:
                 return
 
@@ -340,6 +368,15 @@ class _Watch:
                 if self.remaining == 0:
                     break
         return out
+
+    def sent_live(self, lasts: Sequence[StoredEvent]) -> None:
+        """Live events went out unfiltered; ``lasts`` are the newest of each run."""
+        seen = self.seen
+        for event in lasts:
+            cursor = event.cursor
+            prior = seen.get(cursor.deployment_id)
+            if prior is None or prior.key() < cursor.key():
+                seen[cursor.deployment_id] = cursor
 
     def sent_rows(self, rows: Sequence[Row]) -> None:
         """A page of raw rows of the one deployment went out as it is."""

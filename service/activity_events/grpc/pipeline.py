@@ -173,9 +173,9 @@ class Call:
     __slots__ = (
         "code",
         "cursor",
+        "deadline",
         "deployments",
         "error",
-        "deadline",
         "method",
         "peer",
         "received",
@@ -538,6 +538,7 @@ class Pipeline:
             span.streaming()
         iterator = aiter(responses)
         lane = _lane_of(call, method)
+        turns = self.admission.turns.get(method.call_class or _class_name(call))
         try:
             while True:
                 span_token = otel_context.attach(span.context) if span is not None else None
@@ -563,6 +564,8 @@ class Pipeline:
                         span.responded(message)
                     else:
                         delivery = span.delivery(message)
+                if turns is not None:
+                    await turns.take()
                 watched.sending_since = time.monotonic()
                 try:
                     yield message
@@ -603,6 +606,14 @@ def _status(call: Call, context: Context, error: BaseException) -> grpc.StatusCo
             return grpc.StatusCode.DEADLINE_EXCEEDED
         return grpc.StatusCode.CANCELLED
     return status_of(context, error)
+
+
+def _class_name(call: Call) -> CallClass:
+    """The class a request-dependent call was admitted to."""
+    ticket = call.ticket
+    if isinstance(ticket, _Once):
+        return CallClass(ticket.budget.name)
+    return CallClass.STREAMS
 
 
 def _lane_of(call: Call, method: Method) -> str:

@@ -46,14 +46,14 @@ CATCH_UP_MAX = 1000
 MAX_HISTORY_ROUNDS = 3
 """Times a feed re-reads history when live events overflowed its queue meanwhile."""
 
-HEARTBEAT_SECONDS = 15.0
-"""Idle time after which a keep-alive comment is sent (finds browsers that left)."""
-
 RETRY_MS = 1000
 """How long EventSource waits before reconnecting a dropped stream."""
 
-LIVE_BATCH = 200
-"""Most queued events taken from the hub at once."""
+LIVE_BATCH = 1000
+"""Most live events taken from the hub at once."""
+
+FRAMES_BYTES = 256 * 1024
+"""Most bytes of SSE frames written to a browser at once."""
 
 SUMMARY_CHUNK = 500
 """Deployments summarised per Redis round trip."""
@@ -117,21 +117,34 @@ def event_frame(event: StoredEvent) -> bytes:
 
 
 async def _live(hub: Hub, sub: Follower, seen: dict[int, Cursor]) -> AsyncGenerator[bytes, None]:
-    """Live events from ``sub`` not older than what ``seen`` records, per deployment."""
+    """Live events from ``sub`` newer than what ``seen`` records, per deployment.
+
+    Events the log held before the feed caught up may repeat what it sent;
+    those are checked one by one. Later batches go out as slices of the
+    log's shared SSE frames (every viewer of the log sends the same bytes).
+    """
     newest = max(seen.values()) if seen else None
+    overlap_until = sub.log.end
     while not hub.stopping:
+        start = sub.position
         try:
-            batch = await asyncio.wait_for(
-                sub.next_batch(str(newest) if newest else None, LIVE_BATCH), HEARTBEAT_SECONDS
-            )
-        except TimeoutError:
-            yield SSE_KEEPALIVE
-            continue
+            batch = await sub.next_batch(str(newest) if newest else None, LIVE_BATCH)
         except FollowerLagged:
             logger.info("page feed fell behind; the browser reconnects and catches up")
             return
+        if not batch:  # the hub's heartbeat: nothing new for a while
+            if not hub.stopping:
+                yield SSE_KEEPALIVE
+            continue
+        if start >= overlap_until:
+            last = batch.last()
+            assert last is not None
+            newest = last.cursor if newest is None or newest < last.cursor else newest
+            for message in batch.messages(event_frame, FRAMES_BYTES):
+                yield message
+            continue
         frames = []
-        for live in batch:
+        for live in batch.events():
             cursor = live.cursor
             prior = seen.get(cursor.deployment_id)
             if prior is not None and cursor.key() <= prior.key():

@@ -400,9 +400,12 @@ class ActivityPage:
             await feed.aclose()
             return
 
+        turns = self.admission.turns[CallClass.STREAMS]
+
         async def pump() -> None:
             lanes.use(CallClass.STREAMS.value)
             async for frame in feed:
+                await turns.take()
                 writer.write(frame)
                 if writer.transport.get_write_buffer_size() > STREAM_HIGH_WATER:
                     # The browser is not reading: wait, but not forever.

@@ -30,7 +30,10 @@ it would skip entries written between two reads.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import collections
 import contextlib
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,6 +56,10 @@ READ_COUNT = 1000
 BACKOFF_MAX = 5.0
 """Longest wait between reconnect attempts while Redis is down."""
 
+HEARTBEAT_SECONDS = 15.0
+"""Every this often the hub wakes idle followers with an empty batch (see next_batch):
+one timer for all of them instead of one per follower and wait."""
+
 MAX_PAUSE_SECONDS = 1.0
 """Longest pause between two reads that the wake-up budget imposes."""
 
@@ -66,7 +73,7 @@ class LiveEvent(StoredEvent):
 
     cache: dict[Any, bytes] | None = field(default=None, repr=False, compare=False)
 
-    def encoded(self, codec: Callable[[StoredEvent], bytes]) -> bytes:
+    def encoded(self, codec: Codec) -> bytes:
         """``codec(self)``, computed once for all followers that need it."""
         cache = self.cache
         if cache is None:
@@ -77,42 +84,136 @@ class LiveEvent(StoredEvent):
         return found
 
 
+Codec = Callable[[StoredEvent], bytes]
+"""An encoding of one event for the wire: a WatchEvents piece, an SSE frame."""
+
+
+class Chunk:
+    """The events one read of the hub appended to a log, and their encodings
+    joined: a follower that takes whole chunks costs one slice of bytes per
+    chunk, whatever the number of events or of followers."""
+
+    __slots__ = ("_joined", "events", "position")
+
+    def __init__(self, position: int, events: list[LiveEvent]) -> None:
+        self.position = position
+        """Log position of ``events[0]``."""
+        self.events = events
+        self._joined: dict[Any, tuple[bytes, list[int]]] = {}
+
+    def joined(self, codec: Codec) -> tuple[bytes, list[int]]:
+        """All events encoded and concatenated, and the offset where each starts
+        (plus the end), so any run of them is one slice."""
+        found = self._joined.get(codec)
+        if found is None:
+            pieces = [event.encoded(codec) for event in self.events]
+            offsets = [0, *itertools.accumulate(len(piece) for piece in pieces)]
+            found = self._joined[codec] = (b"".join(pieces), offsets)
+        return found
+
+
+class Batch:
+    """What a follower takes from its log at once: runs of consecutive chunks."""
+
+    __slots__ = ("count", "runs")
+
+    def __init__(self, runs: list[tuple[Chunk, int, int]]) -> None:
+        self.runs = runs
+        """``(chunk, start, stop)``: the chunk's events ``start:stop``."""
+        self.count = sum(stop - start for _, start, stop in runs)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def events(self) -> list[LiveEvent]:
+        """The events one by one (for the paths that must look at each)."""
+        return [event for chunk, a, b in self.runs for event in chunk.events[a:b]]
+
+    def messages(self, codec: Codec, max_bytes: int) -> list[bytes]:
+        """The events' encodings concatenated into messages of at most about
+        ``max_bytes`` (cut between events), built from slices of the chunks'
+        joined bytes: a few slices per message, not one piece per event."""
+        out: list[bytes] = []
+        parts: list[bytes] = []
+        size = 0
+        for chunk, first, stop in self.runs:
+            data, offsets = chunk.joined(codec)
+            start = first
+            while start < stop:
+                room = max_bytes - size
+                end = stop
+                if offsets[stop] - offsets[start] > room:
+                    # as many events as fit (at least one in an empty message)
+                    end = bisect.bisect_right(offsets, offsets[start] + room, start, stop + 1) - 1
+                    if end <= start:
+                        if parts:
+                            out.append(b"".join(parts))
+                            parts, size = [], 0
+                            continue
+                        end = start + 1
+                whole = start == 0 and end == len(chunk.events)
+                piece = data if whole else data[offsets[start] : offsets[end]]
+                parts.append(piece)
+                size += len(piece)
+                start = end
+        if parts:
+            out.append(b"".join(parts))
+        return out
+
+    def last(self) -> LiveEvent | None:
+        if not self.runs:
+            return None
+        chunk, _, stop = self.runs[-1]
+        return chunk.events[stop - 1]
+
+    def run_lasts(self) -> list[LiveEvent]:
+        """The last event of each run (each the newest of its chunk's part)."""
+        return [chunk.events[stop - 1] for chunk, _, stop in self.runs]
+
+
 class Log:
     """The recent live events of one deployment (or of all), shared by its followers."""
 
-    __slots__ = ("base", "events", "followers", "size", "waiters")
+    __slots__ = ("base", "chunks", "end", "followers", "size", "waiters")
 
     def __init__(self) -> None:
-        self.events: list[LiveEvent] = []
+        self.chunks: collections.deque[Chunk] = collections.deque()
         self.base = 0
-        """Position of ``events[0]``: positions grow by one per event, forever."""
+        """Position of the oldest event kept: positions grow by one per event, forever."""
+        self.end = 0
+        """Position the next event will have."""
         self.size = 0
         """Bytes the events hold (payloads plus EVENT_OVERHEAD_BYTES each)."""
         self.followers: set[Follower] = set()
         self.waiters: list[asyncio.Future[None]] = []
 
-    @property
-    def end(self) -> int:
-        return self.base + len(self.events)
-
     def append(self, batch: list[LiveEvent], max_events: int, max_bytes: int) -> None:
-        self.events.extend(batch)
+        self.chunks.append(Chunk(self.end, batch))
+        self.end += len(batch)
         self.size += sum(len(e.payload) for e in batch) + EVENT_OVERHEAD_BYTES * len(batch)
-        if len(self.events) > max_events or self.size > max_bytes:
-            # Drop from the front down to 3/4 of the bounds, so trimming (a copy)
-            # happens once per quarter of the log, not on every append.
-            keep_events = max_events * 3 // 4
-            keep_bytes = max_bytes * 3 // 4
-            drop = max(0, len(self.events) - keep_events)
-            size = self.size - sum(
-                len(e.payload) + EVENT_OVERHEAD_BYTES for e in self.events[:drop]
-            )
-            while drop < len(self.events) - 1 and size > keep_bytes:
-                size -= len(self.events[drop].payload) + EVENT_OVERHEAD_BYTES
-                drop += 1
-            del self.events[:drop]
-            self.base += drop
-            self.size = size
+        # Whole chunks go from the front while the log is over either bound
+        # (the newest chunk always stays).
+        while len(self.chunks) > 1 and (self.end - self.base > max_events or self.size > max_bytes):
+            oldest = self.chunks.popleft()
+            self.base += len(oldest.events)
+            self.size -= sum(len(e.payload) for e in oldest.events)
+            self.size -= EVENT_OVERHEAD_BYTES * len(oldest.events)
+
+    def take(self, position: int, max_events: int) -> Batch:
+        """Up to ``max_events`` events from ``position`` (>= base) on."""
+        runs: list[tuple[Chunk, int, int]] = []
+        wanted = max_events
+        for chunk in self.chunks:
+            size = len(chunk.events)
+            if chunk.position + size <= position:
+                continue
+            start = max(0, position - chunk.position)
+            stop = min(size, start + wanted)
+            runs.append((chunk, start, stop))
+            wanted -= stop - start
+            if wanted <= 0:
+                break
+        return Batch(runs)
 
     def wake(self) -> int:
         """Wake every waiting follower; how many there were."""
@@ -153,30 +254,36 @@ class Follower:
         """Forget the backlog and the lagged mark (the follower re-reads history)."""
         self.position = self.log.end
 
-    async def next_batch(self, last_cursor: str | None, max_events: int) -> list[LiveEvent]:
-        """Wait for events and return up to ``max_events`` of them.
+    async def next_batch(self, last_cursor: str | None, max_events: int) -> Batch:
+        """Wait for events and take up to ``max_events`` of them.
 
-        Raises FollowerLagged when the follower fell off the log, and returns
-        an empty list when woken without events (shutdown: the caller checks).
+        Raises FollowerLagged when the follower fell off the log. The batch is
+        empty when woken without events: at shutdown (the caller checks
+        ``hub.stopping``), or by the hub's heartbeat every HEARTBEAT_SECONDS,
+        which lets a stream with nothing to send send a keep-alive.
         """
         log = self.log
-        while self.position >= log.end:
+        if self.position >= log.end:
             if self.hub.stopping or self.closed:
-                return []
-            waiter = asyncio.get_running_loop().create_future()
+                return EMPTY
+            waiter = self.hub.loop.create_future()
             log.waiters.append(waiter)
             await waiter
+            if self.position >= log.end:
+                return EMPTY
         if self.position < log.base:
             raise FollowerLagged(last_cursor)
-        start = self.position - log.base
-        batch = log.events[start : start + max_events]
-        self.position += len(batch)
+        batch = log.take(self.position, max_events)
+        self.position += batch.count
         return batch
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             self.hub._remove(self)
+
+
+EMPTY = Batch([])
 
 
 Reply = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
@@ -314,6 +421,10 @@ class Hub:
         self._task: asyncio.Task[None] | None = None
         self._reading: asyncio.Task[Any] | None = None
         self._lock = asyncio.Lock()
+        self._heartbeat: asyncio.TimerHandle | None = None
+        self.loop = asyncio.get_running_loop()
+        """The loop the hub runs on (set again at start), kept so followers need not
+        look it up (every lookup costs a system call on Python 3.11)."""
         self.stopping = False
 
     @property
@@ -331,11 +442,22 @@ class Hub:
 
     def start(self) -> None:
         if self._task is None:
+            self.loop = asyncio.get_running_loop()
             self._task = asyncio.create_task(self._run(), name="hub")
+            self._heartbeat = self.loop.call_later(HEARTBEAT_SECONDS, self._beat)
+
+    def _beat(self) -> None:
+        """Wake every waiting follower with an empty batch (see next_batch)."""
+        for log in self._logs.values():
+            log.wake()
+        if not self.stopping:
+            self._heartbeat = self.loop.call_later(HEARTBEAT_SECONDS, self._beat)
 
     async def stop(self) -> None:
         """End the read loop and wake every follower so its stream can end."""
         self.stopping = True
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
         for log in self._logs.values():
             log.wake()
         if self._task is not None:

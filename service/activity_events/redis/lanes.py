@@ -160,7 +160,7 @@ class Lane:
                 pipe.execute_command(*command)
             return list(await pipe.execute(raise_on_error=False))
         packed = b"".join([pack_command(tuple(command)) for command in commands])
-        connection = self._idle.pop() if self._idle else pool.make_connection()
+        connection = self._idle.pop() if self._idle else self._connection(pool)
         healthy = False
         try:
             for attempt in (1, 2):
@@ -191,6 +191,14 @@ class Lane:
                 with contextlib.suppress(Exception):
                     await connection.disconnect(nowait=True)
             self._idle.append(connection)
+
+    @staticmethod
+    def _connection(pool: Any) -> Any:
+        """A connection like the pool's, but without a socket timeout: :meth:`run`
+        bounds the time already, and redis-py wraps every send of a connection
+        that has one in a task of its own (``asyncio.wait_for``)."""
+        kwargs = {**pool.connection_kwargs, "socket_timeout": None}
+        return pool.connection_class(**kwargs)
 
     async def _take_slot(self) -> None:
         slots = self._slots

@@ -53,12 +53,12 @@ COALESCE_MAX = 512
 """Most concurrent unary creates sent to Redis in one round trip."""
 
 
-FLUSHES_IN_FLIGHT = 2
-"""Round trips of coalesced creates in flight at once. While they are, new creates
-wait for the next one (group commit): under load batches grow instead of round
-trips multiplying, and a lone create still goes out at once."""
+FLUSHES_IN_FLIGHT = 1
+"""Round trips of coalesced creates in flight at once. While one is, new creates
+wait for the next (group commit): under load batches grow instead of round trips
+multiplying, and a lone create still goes out at once."""
 
-LINGER_SECONDS = 0.002
+LINGER_SECONDS = 0.003
 """Longest a create waits for others to share its round trip, and only while
 creates arrive more often than that (a lone create is sent at once). A Redis
 round trip costs this process far more CPU than gRPC's per-call share, so under
