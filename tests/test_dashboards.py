@@ -44,12 +44,19 @@ DASHBOARDS = Path(__file__).resolve().parent.parent / "dashboards"
 DASHBOARD = DASHBOARDS / "activity-events.json"
 RULES = DASHBOARDS / "alerts.yml"
 RULE_TESTS = DASHBOARDS / "alerts_test.yml"
+LOAD_PANELS = (
+    "Load shed by class and reason",
+    "Budget used by class",
+    "Redis lanes busy",
+    "Live buffers",
+)
 ALERTS = {
     "ActivityEventsHighErrorRatio",
     "ActivityEventsHighLatency",
     "ActivityEventsRedisDown",
     "ActivityEventsTargetDown",
     "ActivityEventsFollowersLagging",
+    "ActivityEventsSheddingLoad",
     "ActivityEventsSubscriptionLagGrowing",
     "ActivityEventsSubscriptionDeadLetters",
 }
@@ -137,7 +144,7 @@ def test_dashboard_shape() -> None:
     titles = {panel["title"] for panel in panels(board)}
     for title in (*CORE_PANELS, "Error ratio by method", "Active followers", "Hub lag p50 / p99",
                   "Redis command latency p99", "Redis up", "Request rate per pod",
-                  *SUBSCRIPTION_PANELS):  # fmt: skip
+                  *SUBSCRIPTION_PANELS, *LOAD_PANELS):  # fmt: skip
         assert title in titles
     ids = [panel["id"] for panel in panels(board)]
     assert len(ids) == len(set(ids))

@@ -11,6 +11,7 @@ start                                     stop (reverse)
 Redis (embedded when no URL)              stopped last (its AOF flushed)
 Redis lanes, store                        connections closed
 HTTP side port (/metrics, probes)         closed after the gRPC server
+memory trimmer (after bursts of reads)    stopped
 gRPC server bound, stream watchdog        ``server.stop(grace)``: in-flight calls drain
 admission budgets                         wait (within the grace) for writes and reads
 follower hub                              stopped: live streams end cleanly
@@ -36,6 +37,7 @@ from prometheus_client import CollectorRegistry
 
 from activity_events import SERVICE_NAME
 from activity_events.app.embedded import EmbeddedRedis
+from activity_events.app.memory import MemoryTrimmer
 from activity_events.app.settings import Settings, redact_url
 from activity_events.grpc import auth, health, tls
 from activity_events.grpc.admission import Admission, CallClass
@@ -169,6 +171,12 @@ class Application:
         await self.http.start()
         stack.push_async_callback(self.http.stop)
         self.metrics_port = self.http.port
+        trimmer = MemoryTrimmer(
+            lambda: self.admission.classes[CallClass.READS].active
+            + self.admission.classes[CallClass.STREAMS].active
+        )
+        trimmer.start()
+        stack.push_async_callback(trimmer.stop)
 
         watchdog = StreamWatchdog(settings.stream_stall_seconds)
         stack.push_async_callback(watchdog.stop)

@@ -121,7 +121,7 @@ class Settings(BaseSettings):
         "RESOURCE_EXHAUSTED (writes are coalesced, so this is a memory bound).",
     )
     max_inflight_reads: int = Field(
-        16,
+        8,
         gt=0,
         description="History reads (ListEvents, WatchEvents without follow), listings, admin "
         "calls and page API requests in progress at once; beyond it RESOURCE_EXHAUSTED.",
