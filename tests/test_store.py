@@ -83,14 +83,19 @@ async def test_replay_pages_encode_exactly_like_the_reference(server: Any, stub:
     pages = [rows async for rows in store.history_rows(9, None, None, 1 << 20)]
     rows = [row for page in pages for row in page]
     assert [payload for _, payload in rows] == [e.payload for e in reference]
-    body = b"".join(wire.watch_responses_rows(b"9:", rows, 1 << 30))
+    body = b"".join(m for m, _ in wire.watch_responses_rows(b"9:", rows, 1 << 30))
     assert body == b"".join(wire.watch_responses(reference, 1 << 30))
     parsed = pb.WatchEventsResponse.FromString(body)
     assert [e.event.id for e in parsed.events] == list(range(1, len(sizes) + 1))
     assert [e.cursor for e in parsed.events] == [str(e.cursor) for e in reference]
     # a small budget splits messages without changing the bytes
     split = list(wire.watch_responses_rows(b"9:", rows, 20_000))
-    assert len(split) > 2 and b"".join(split) == body
+    assert len(split) > 2 and b"".join(m for m, _ in split) == body
+    # each message is marked with the rows it completes
+    ends = [end for _, end in split]
+    assert ends == sorted(ends) and ends[-1] == len(rows)
+    sizes_of = [len(pb.WatchEventsResponse.FromString(m).events) for m, _ in split]
+    assert [sum(sizes_of[: i + 1]) for i in range(len(split))] == ends
     # a limit stops exactly there, a cursor resumes after it
     limited = [rows async for rows in store.history_rows(9, None, 4, 1 << 20)]
     assert sum(len(rows) for rows in limited) == 4

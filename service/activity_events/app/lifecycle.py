@@ -172,8 +172,10 @@ class Application:
         stack.push_async_callback(self.http.stop)
         self.metrics_port = self.http.port
         trimmer = MemoryTrimmer(
-            lambda: self.admission.classes[CallClass.READS].active
-            + self.admission.classes[CallClass.STREAMS].active
+            lambda: (
+                self.admission.classes[CallClass.READS].active
+                + self.admission.classes[CallClass.STREAMS].active
+            )
         )
         trimmer.start()
         stack.push_async_callback(trimmer.stop)

@@ -74,16 +74,24 @@ def chunked(pieces: Iterable[bytes], max_bytes: int) -> Iterator[bytes]:
     """Concatenations of ``pieces`` (serialized repeated-field elements), in order,
     each at most about ``max_bytes`` (a single larger piece goes out alone), so
     that no message exceeds a client's receive limit (4 MiB by default in gRPC)."""
+    return (message for message, _ in chunk_ends(pieces, max_bytes))
+
+
+def chunk_ends(pieces: Iterable[bytes], max_bytes: int) -> Iterator[tuple[bytes, int]]:
+    """:func:`chunked`, each message with the number of pieces sent once it is
+    (so a stream knows the last event of each message it sends)."""
     parts: list[bytes] = []
     size = 0
+    count = 0
     for piece in pieces:
         if parts and size + len(piece) > max_bytes:
-            yield b"".join(parts)
+            yield b"".join(parts), count
             parts, size = [], 0
         parts.append(piece)
         size += len(piece)
+        count += 1
     if parts:
-        yield b"".join(parts)
+        yield b"".join(parts), count
 
 
 def watch_piece(event: StoredEvent) -> bytes:
@@ -97,17 +105,15 @@ def watch_responses(events: Sequence[StoredEvent], max_bytes: int) -> Iterator[b
     return chunked((watch_piece(event) for event in events), max_bytes)
 
 
-def watch_responses_from_pieces(pieces: Iterable[bytes], max_bytes: int) -> Iterator[bytes]:
-    """WatchEventsResponse messages of pre-encoded :func:`watch_piece` pieces."""
-    return chunked(pieces, max_bytes)
-
-
-def watch_responses_rows(prefix: bytes, rows: Sequence[Row], max_bytes: int) -> Iterator[bytes]:
+def watch_responses_rows(
+    prefix: bytes, rows: Sequence[Row], max_bytes: int
+) -> Iterator[tuple[bytes, int]]:
     """:func:`watch_responses` straight from rows of one deployment (``prefix`` =
-    ``b"<deployment>:"``). The replay hot path: one join per event, no objects."""
+    ``b"<deployment>:"``), each message with the number of rows sent once it is.
+    The replay hot path: one join per event, no objects."""
     parts: list[bytes] = []
     size = 0
-    for entry, payload in rows:
+    for count, (entry, payload) in enumerate(rows):
         payload_len = len(payload)
         cursor_len = len(prefix) + len(entry)
         head = varint(payload_len)
@@ -117,12 +123,12 @@ def watch_responses_rows(prefix: bytes, rows: Sequence[Row], max_bytes: int) -> 
             (FIELD_1, varint(body_len), FIELD_1, head, payload, FIELD_2, tail, prefix, entry)
         )
         if parts and size + len(piece) > max_bytes:
-            yield b"".join(parts)
+            yield b"".join(parts), count
             parts, size = [], 0
         parts.append(piece)
         size += len(piece)
     if parts:
-        yield b"".join(parts)
+        yield b"".join(parts), len(rows)
 
 
 def event_result(

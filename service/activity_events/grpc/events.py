@@ -227,9 +227,11 @@ class ActivityEventsService:
             if watch.deployment == ALL:
                 pages = history_all(self._store, position, self._buffer, self._settings.page_size)
                 async for merged in pages:
-                    for message in wire.watch_responses(watch.fresh(merged), self._max_message):
+                    fresh = watch.fresh(merged)
+                    pieces = (wire.watch_piece(event) for event in fresh)
+                    for message, end in wire.chunk_ends(pieces, self._max_message):
+                        note_cursor(str(fresh[end - 1].cursor))
                         yield message
-                    note_cursor(str(watch.last))
                     if watch.done:
                         return
             else:
@@ -241,9 +243,9 @@ class ActivityEventsService:
                 )
                 async for rows in rows_pages:
                     watch.sent_rows(rows)
-                    for message in wire.watch_responses_rows(prefix, rows, self._max_message):
+                    for message, end in wire.watch_responses_rows(prefix, rows, self._max_message):
+                        note_cursor((prefix + rows[end - 1][0]).decode())
                         yield message
-                    note_cursor(str(watch.last))
                     if watch.done:
                         return
             if follower is None or not follower.lagged:
@@ -268,15 +270,15 @@ class ActivityEventsService:
                 continue
             if start >= overlap_until and watch.remaining is None:
                 watch.sent_live(batch.run_lasts())
-                for message in batch.messages(wire.watch_piece, self._max_message):
+                for message, last in batch.messages(wire.watch_piece, self._max_message):
+                    note_cursor(str(last.cursor))
                     yield message
             else:
                 fresh = watch.fresh(batch.events())
-                if fresh:
-                    pieces = (event.encoded(wire.watch_piece) for event in fresh)
-                    for message in wire.watch_responses_from_pieces(pieces, self._max_message):
-                        yield message
-            note_cursor(str(watch.last))
+                pieces = (event.encoded(wire.watch_piece) for event in fresh)
+                for message, end in wire.chunk_ends(pieces, self._max_message):
+                    note_cursor(str(fresh[end - 1].cursor))
+                    yield message
             if watch.done:
                 return
 

@@ -177,6 +177,7 @@ class Call:
         "deployments",
         "error",
         "method",
+        "next_cursor",
         "peer",
         "received",
         "sent",
@@ -196,7 +197,9 @@ class Call:
         self.span: RpcSpan | None = None
         self.ticket: Any = None
         self.cursor: str | None = None
-        """Last cursor sent, for a stream that may be resumed (see note_cursor)."""
+        """Last cursor of the last message grpc finished sending (see note_cursor)."""
+        self.next_cursor: str | None = None
+        """Last cursor of the message being sent."""
         self.deadline: float | None = None
         """time.monotonic() of the client's deadline, if it set one."""
         self.peer = ""
@@ -213,11 +216,12 @@ _current: contextvars.ContextVar[Call | None] = contextvars.ContextVar("call", d
 
 
 def note_cursor(cursor: str) -> None:
-    """Record the last cursor a stream sent: a stream ended for stalling tells its
-    client to resume after it."""
+    """Record the last cursor of the message a stream is about to yield. Once grpc
+    has sent that message it is the cursor a stream ended for stalling tells its
+    client to resume after: never past what the client was sent."""
     call = _current.get()
     if call is not None:
-        call.cursor = cursor
+        call.next_cursor = cursor
 
 
 class Pipeline:
@@ -566,9 +570,11 @@ class Pipeline:
                         delivery = span.delivery(message)
                 if turns is not None:
                     await turns.take()
+                sending = call.next_cursor
                 watched.sending_since = time.monotonic()
                 try:
                     yield message
+                    call.cursor = sending
                 finally:
                     watched.sending_since = None
                     if delivery is not None:

@@ -140,7 +140,7 @@ async def _live(hub: Hub, sub: Follower, seen: dict[int, Cursor]) -> AsyncGenera
             last = batch.last()
             assert last is not None
             newest = last.cursor if newest is None or newest < last.cursor else newest
-            for message in batch.messages(event_frame, FRAMES_BYTES):
+            for message, _ in batch.messages(event_frame, FRAMES_BYTES):
                 yield message
             continue
         frames = []

@@ -129,13 +129,15 @@ class Batch:
         """The events one by one (for the paths that must look at each)."""
         return [event for chunk, a, b in self.runs for event in chunk.events[a:b]]
 
-    def messages(self, codec: Codec, max_bytes: int) -> list[bytes]:
+    def messages(self, codec: Codec, max_bytes: int) -> list[tuple[bytes, LiveEvent]]:
         """The events' encodings concatenated into messages of at most about
-        ``max_bytes`` (cut between events), built from slices of the chunks'
-        joined bytes: a few slices per message, not one piece per event."""
-        out: list[bytes] = []
+        ``max_bytes`` (cut between events), each with its last event, built from
+        slices of the chunks' joined bytes: a few slices per message, not one
+        piece per event."""
+        out: list[tuple[bytes, LiveEvent]] = []
         parts: list[bytes] = []
         size = 0
+        last: LiveEvent | None = None
         for chunk, first, stop in self.runs:
             data, offsets = chunk.joined(codec)
             start = first
@@ -146,8 +148,8 @@ class Batch:
                     # as many events as fit (at least one in an empty message)
                     end = bisect.bisect_right(offsets, offsets[start] + room, start, stop + 1) - 1
                     if end <= start:
-                        if parts:
-                            out.append(b"".join(parts))
+                        if parts and last is not None:
+                            out.append((b"".join(parts), last))
                             parts, size = [], 0
                             continue
                         end = start + 1
@@ -155,9 +157,10 @@ class Batch:
                 piece = data if whole else data[offsets[start] : offsets[end]]
                 parts.append(piece)
                 size += len(piece)
+                last = chunk.events[end - 1]
                 start = end
-        if parts:
-            out.append(b"".join(parts))
+        if parts and last is not None:
+            out.append((b"".join(parts), last))
         return out
 
     def last(self) -> LiveEvent | None:
