@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -22,6 +23,8 @@ from hypothesis import strategies as st
 from opentelemetry.sdk.trace import TracerProvider
 
 from activity_events.observability import logs
+from activity_events.observability.access import AccessLog
+from activity_events.observability.access import logger as access_logger
 from activity_events.pb import activityevents_pb2 as pb
 from activity_events.pb import activityevents_pb2_grpc as pb_grpc
 from tests.support.redis_process import RedisProcess
@@ -92,6 +95,49 @@ def test_trace_and_span_ids_inside_a_span(captured: io.StringIO) -> None:
     assert inside["trace_id"] == f"{context.trace_id:032x}"
     assert inside["span_id"] == f"{context.span_id:016x}"
     assert "trace_id" not in outside
+
+
+ACCESS_CASES = [
+    ("OK", 0.0123456, "ipv4:127.0.0.1:5000", 1, 1, [7], None),
+    ("RESOURCE_EXHAUSTED", 2.5, "ipv6:[::1]:40000", 1, 0, [1, 2, 3], None),
+    ("UNKNOWN", 0.0, 'unix:/s"o\\ck-é', 0, 0, None, RuntimeError("redis://:s3cr3t-pa55@r down")),
+    ("CANCELLED", 1e-7, "", 3, 900, [], None),
+]
+
+
+@pytest.mark.parametrize("case", ACCESS_CASES)
+def test_access_line_written_directly_equals_the_formatted_record(
+    captured: io.StringIO, case: tuple[Any, ...]
+) -> None:
+    """The access log's fast path (a string built from pieces, straight to the
+    JSON handler) writes what formatting a record with the same fields would."""
+    access = AccessLog("activityevents.ActivityEvents", "CreateEvent", "unary", quiet=False)
+    tracer = TracerProvider().get_tracer("test")
+    root = logging.getLogger()
+    others = [h for h in root.handlers if not isinstance(h, logs.JsonLinesHandler)]
+    for other in others:  # pytest's log capture: as in the server, only the JSON handler
+        root.removeHandler(other)
+    with contextlib.ExitStack() as restore, tracer.start_as_current_span("call"):
+        restore.callback(lambda: [root.addHandler(other) for other in others])
+        assert logs.direct_handler(access_logger) is not None
+        access.write(*case)
+        recorded = io.StringIO()
+        handler = logging.StreamHandler(recorded)
+        handler.setFormatter(logs.JsonFormatter(logs.Redactor(["s3cr3t-pa55"])))
+        access_logger.addHandler(handler)
+        access_logger.propagate = False
+        try:
+            assert logs.direct_handler(access_logger) is None
+            access.write(*case)
+        finally:
+            access_logger.removeHandler(handler)
+            access_logger.propagate = True
+    (direct,) = lines(captured)
+    formatted = json.loads(recorded.getvalue())
+    assert direct.pop("time")[:16] == formatted.pop("time")[:16]
+    assert direct == formatted
+    assert "s3cr3t-pa55" not in captured.getvalue()
+    assert direct["grpc_code"] == case[0] and direct["msg_sent"] == case[4]
 
 
 @pytest.mark.parametrize(

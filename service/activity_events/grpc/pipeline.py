@@ -117,6 +117,7 @@ class Method:
     """Everything about one method the wrapper needs, resolved at registration."""
 
     __slots__ = (
+        "access",
         "admit",
         "call_class",
         "full_name",
@@ -151,6 +152,7 @@ class Method:
         self.metrics = metrics
         self.role = role
         self.quiet = policy.quiet
+        self.access = access.AccessLog(service, name, self.kind, quiet=policy.quiet)
         static = None if callable(policy.admit) else policy.admit
         self.admit: Admit | None = static
         """The static class or kind; None when it depends on the request."""
@@ -409,15 +411,10 @@ class Pipeline:
         metrics = method.metrics
         metrics.handled[code] += 1
         metrics.observe(seconds)
-        level = logging.DEBUG if method.quiet else logging.INFO
-        if access.logger.isEnabledFor(level):
+        log = method.access
+        if access.logger.isEnabledFor(log.level):
             unexpected = call.error if code is grpc.StatusCode.INTERNAL else None
-            access.write(
-                level,
-                method.full_name,
-                method.service,
-                method.name,
-                method.kind,
+            log.write(
                 GO_CODE_NAMES[code],
                 seconds,
                 call.peer,

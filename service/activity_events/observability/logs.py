@@ -24,7 +24,6 @@ import logging
 import re
 import sys
 import threading
-import time
 import types
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -239,23 +238,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
-def json_line(
-    level: str, name: str, message: str, fields: dict[str, Any], created: float | None = None
-) -> str:
-    """The line :class:`JsonFormatter` would make of a record with these fields
-    (``fields`` must hold no secrets: they are not scanned)."""
-    entry: dict[str, Any] = {
-        "time": rfc3339(time.time() if created is None else created),
-        "level": level,
-        "logger": name,
-        "message": message,
-    }
+def trace_fields() -> str:
+    """``, "trace_id": ..., "span_id": ...`` of the current span, or "" outside one."""
     span_context = trace.get_current_span().get_span_context()
-    if span_context.is_valid:
-        entry["trace_id"] = trace.format_trace_id(span_context.trace_id)
-        entry["span_id"] = trace.format_span_id(span_context.span_id)
-    entry.update(fields)
-    return json.dumps(entry, default=str, ensure_ascii=False)
+    if not span_context.is_valid:
+        return ""
+    return (
+        f', "trace_id": "{trace.format_trace_id(span_context.trace_id)}"'
+        f', "span_id": "{trace.format_span_id(span_context.span_id)}"'
+    )
 
 
 def direct_handler(logger: logging.Logger) -> JsonLinesHandler | None:
