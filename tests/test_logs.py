@@ -117,10 +117,10 @@ def test_access_line_written_directly_equals_the_formatted_record(
     others = [h for h in root.handlers if not isinstance(h, logs.JsonLinesHandler)]
     for other in others:  # pytest's log capture: as in the server, only the JSON handler
         root.removeHandler(other)
-    with contextlib.ExitStack() as restore, tracer.start_as_current_span("call"):
+    with contextlib.ExitStack() as restore, tracer.start_as_current_span("call") as span:
         restore.callback(lambda: [root.addHandler(other) for other in others])
         assert logs.direct_handler(access_logger) is not None
-        access.write(*case)
+        access.write(*case, span=span)
         recorded = io.StringIO()
         handler = logging.StreamHandler(recorded)
         handler.setFormatter(logs.JsonFormatter(logs.Redactor(["s3cr3t-pa55"])))
@@ -128,7 +128,7 @@ def test_access_line_written_directly_equals_the_formatted_record(
         access_logger.propagate = False
         try:
             assert logs.direct_handler(access_logger) is None
-            access.write(*case)
+            access.write(*case, span=span)
         finally:
             access_logger.removeHandler(handler)
             access_logger.propagate = True

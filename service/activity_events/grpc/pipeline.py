@@ -422,6 +422,7 @@ class Pipeline:
                 call.sent,
                 call.deployments,
                 unexpected,
+                None if call.span is None else call.span.span,
             )
         if call.span is not None:
             call.span.end(code, call.error or error)

@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from google.protobuf.message import Message
+from opentelemetry import trace
 
 from activity_events.observability import logs
 
@@ -63,24 +64,23 @@ class AccessLog:
     set-ups), it logs a record with the same fields.
     """
 
-    __slots__ = ("_fixed", "_prefix", "full_method", "kind", "method", "quiet", "service")
+    __slots__ = ("_fixed", "_head", "full_method", "kind", "level", "method", "service")
 
     def __init__(self, service: str, method: str, kind: str, *, quiet: bool) -> None:
         self.service = service
         self.method = method
         self.full_method = f"/{service}/{method}"
         self.kind = kind
-        self.quiet = quiet
-        level = "DEBUG" if quiet else "INFO"
-        self._prefix = f', "level": "{level}", "logger": {json.dumps(logger.name)}, "message": '
-        self._fixed = (
-            f', "grpc_service": {json.dumps(service)}, "grpc_method": {json.dumps(method)}'
-            f', "grpc_type": {json.dumps(kind)}, "grpc_code": '
+        self.level = logging.DEBUG if quiet else logging.INFO
+        # Names of services and methods are identifiers: JSON-safe as they are.
+        self._head = (
+            f', "level": "{logging.getLevelName(self.level)}", "logger": "{logger.name}"'
+            f', "message": "{self.full_method} '
         )
-
-    @property
-    def level(self) -> int:
-        return logging.DEBUG if self.quiet else logging.INFO
+        self._fixed = (
+            f', "grpc_service": "{service}", "grpc_method": "{method}"'
+            f', "grpc_type": "{kind}", "grpc_code": "'
+        )
 
     def write(  # noqa: PLR0917 - the fields of one line, in the order they are shown
         self,
@@ -91,27 +91,15 @@ class AccessLog:
         sent: int,
         deployments: list[int] | None,
         error: BaseException | None = None,
+        span: trace.Span | None = None,
     ) -> None:
-        """Write one access line (the caller checked ``logger.isEnabledFor(level)``)."""
-        message = f"{self.full_method} {code} {seconds * 1000:.1f} ms"
+        """Write one access line (the caller checked ``logger.isEnabledFor(level)``).
+
+        ``span`` is the call's span, whose ids the line carries (the current
+        span's when it is None and a record is logged)."""
         handler = logs.direct_handler(logger)
         if handler is None or self.level < handler.level:
-            fields: dict[str, Any] = {
-                "grpc_service": self.service,
-                "grpc_method": self.method,
-                "grpc_type": self.kind,
-                "grpc_code": code,
-                "duration_seconds": round(seconds, 6),
-                "peer": peer,
-                "msg_received": received,
-                "msg_sent": sent,
-            }
-            if deployments:
-                key = "deployment_id" if len(deployments) == 1 else "deployment_ids"
-                fields[key] = deployments[0] if len(deployments) == 1 else deployments
-            if error is not None:
-                fields["error"] = logs.redact(f"{type(error).__name__}: {error}")
-            logger.log(self.level, "%s", message, extra=fields)
+            self._log(code, seconds, peer, received, sent, deployments, error)
             return
         tail = ""
         if deployments:
@@ -121,16 +109,53 @@ class AccessLog:
                 tail = f', "deployment_ids": [{", ".join(str(int(d)) for d in deployments)}]'
         if error is not None:
             tail += f', "error": {json.dumps(logs.redact(f"{type(error).__name__}: {error}"))}'
+        ids = "" if span is None else logs.span_fields(span.get_span_context())
         handler.write_line(
-            f'{{"time": "{logs.rfc3339(time.time())}"{self._prefix}{json.dumps(message)}'
-            f'{logs.trace_fields()}{self._fixed}"{code}", '
-            f'"duration_seconds": {round(seconds, 6)!r}, "peer": {_text(peer)}, '
-            f'"msg_received": {received:d}, "msg_sent": {sent:d}{tail}}}'
+            f'{{"time": "{logs.rfc3339(time.time())}"{self._head}{code} {seconds * 1000:.1f} ms"'
+            f'{ids}{self._fixed}{code}", "duration_seconds": {seconds:.6f}, '
+            f'"peer": {_text(peer)}, "msg_received": {received:d}, "msg_sent": {sent:d}{tail}}}'
         )
+
+    def _log(  # noqa: PLR0917 - as write
+        self,
+        code: str,
+        seconds: float,
+        peer: str,
+        received: int,
+        sent: int,
+        deployments: list[int] | None,
+        error: BaseException | None,
+    ) -> None:
+        fields: dict[str, Any] = {
+            "grpc_service": self.service,
+            "grpc_method": self.method,
+            "grpc_type": self.kind,
+            "grpc_code": code,
+            "duration_seconds": round(seconds, 6),
+            "peer": peer,
+            "msg_received": received,
+            "msg_sent": sent,
+        }
+        if deployments:
+            key = "deployment_id" if len(deployments) == 1 else "deployment_ids"
+            fields[key] = deployments[0] if len(deployments) == 1 else deployments
+        if error is not None:
+            fields["error"] = logs.redact(f"{type(error).__name__}: {error}")
+        message = f"{self.full_method} {code} {seconds * 1000:.1f} ms"
+        logger.log(self.level, "%s", message, extra=fields)
+
+
+_texts: dict[str, str] = {}
+"""Peers as JSON strings: a connection's calls all name the same peer."""
+
+MAX_TEXTS = 4096
 
 
 def _text(value: str) -> str:
-    """A JSON string; addresses are plain ASCII and need no escaping."""
-    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
-        return f'"{value}"'
-    return json.dumps(value, ensure_ascii=False)
+    """A JSON string (remembered for the peers seen lately)."""
+    text = _texts.get(value)
+    if text is None:
+        if len(_texts) >= MAX_TEXTS:
+            _texts.clear()
+        text = _texts[value] = json.dumps(value, ensure_ascii=False)
+    return text

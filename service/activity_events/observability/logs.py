@@ -238,9 +238,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
-def trace_fields() -> str:
-    """``, "trace_id": ..., "span_id": ...`` of the current span, or "" outside one."""
-    span_context = trace.get_current_span().get_span_context()
+def span_fields(span_context: trace.SpanContext) -> str:
+    """``, "trace_id": ..., "span_id": ...`` of a span, as :class:`JsonFormatter`
+    writes them, or "" for an invalid one."""
     if not span_context.is_valid:
         return ""
     return (
@@ -255,8 +255,9 @@ def direct_handler(logger: logging.Logger) -> JsonLinesHandler | None:
     path may write its lines straight to it; else None (use ``logger.log``)."""
     if logger.handlers or logger.filters or not logger.propagate:
         return None
-    handlers = logging.getLogger().handlers
-    if len(handlers) != 1 or logging.getLogger().filters:
+    root = logging.root
+    handlers = root.handlers
+    if len(handlers) != 1 or root.filters:
         return None
     handler = handlers[0]
     return handler if isinstance(handler, JsonLinesHandler) and not handler.filters else None
