@@ -4,6 +4,7 @@ coalesce without mixing up their answers, and bounded waits."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import grpc
@@ -11,9 +12,10 @@ import pytest
 import redis.asyncio as redis_asyncio
 
 from activity_events.codec import wire
-from activity_events.domain.events import Cursor
+from activity_events.domain.events import Cursor, NewEvent
 from activity_events.pb import activityevents_pb2 as pb
 from activity_events.redis import keys
+from activity_events.redis.store import Outcome
 from tests.support.streams import create, event, list_events
 
 
@@ -204,3 +206,63 @@ async def test_ids_at_every_varint_width_are_stored_and_deduplicated(
     for i in ids:
         again = await create(stub, 8, i, f"m{i}")
         assert again.duplicate and again.cursor == created[i]
+
+
+def _spy_round_trips(monkeypatch: pytest.MonkeyPatch, store: Any) -> list[int]:
+    """Sizes (commands) of the write lane's round trips from now on."""
+    lane = store.lanes.writes
+    real = lane.send
+    sizes: list[int] = []
+
+    async def send(commands: Any) -> list[Any]:
+        sizes.append(len(commands))
+        return await real(commands)
+
+    monkeypatch.setattr(lane, "send", send)
+    return sizes
+
+
+async def test_creates_arriving_close_together_share_round_trips(
+    server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit: creates arriving a fraction of a millisecond apart wait a
+    little for each other, so a round trip carries several (and each gets its
+    own answer), instead of one round trip for every two or three creates."""
+    store = server.store
+    sizes = _spy_round_trips(monkeypatch, store)
+
+    async def one(index: int) -> Any:
+        await asyncio.sleep(index * 0.0002)
+        new = NewEvent(
+            deployment_id=77,
+            event_id=index + 1,
+            message=b"m%d" % index,
+            send_ns=0,
+            has_timestamp=False,
+        )
+        return await store.append_one(new, time.time_ns())
+
+    results = await asyncio.gather(*(one(i) for i in range(300)))
+    assert [r.event_id for r in results] == list(range(1, 301))
+    assert {r.outcome for r in results} == {Outcome.CREATED}
+    assert len(sizes) <= 300 / 4, f"{len(sizes)} round trips for 300 creates"
+
+
+async def test_a_lone_create_is_sent_at_once(server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a quiet spell a create does not linger for company: its round trip
+    starts within a few turns of the event loop, not after LINGER_SECONDS."""
+    store = server.store
+    new = NewEvent(deployment_id=78, event_id=1, message=b"x", send_ns=0, has_timestamp=False)
+    await store.append_one(new, time.time_ns())
+    await asyncio.sleep(0.2)  # quiet: the arrival average forgets the burst
+    sizes = _spy_round_trips(monkeypatch, store)
+    for event_id in (2, 3):
+        again = NewEvent(
+            deployment_id=78, event_id=event_id, message=b"x", send_ns=0, has_timestamp=False
+        )
+        pending = asyncio.ensure_future(store.append_one(again, time.time_ns()))
+        for _ in range(4):
+            await asyncio.sleep(0)
+        assert len(sizes) == event_id - 1, "the create waited instead of going out"
+        assert (await pending).outcome is Outcome.CREATED
+        await asyncio.sleep(0.2)

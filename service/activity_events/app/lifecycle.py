@@ -246,7 +246,7 @@ class Application:
                 pool_wait=settings.redis_pool_wait_seconds,
                 raw=raw,
                 refuse=self.admission.refuse,
-                observe=observer.observe,
+                observer=observer,
             )
             metrics.redis_lane_connections.labels(name).set(connections)
             metrics.redis_lane_busy.labels(name).set_function(lambda: made.busy)

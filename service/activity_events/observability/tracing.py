@@ -343,6 +343,28 @@ class RedisObserver:
     def __init__(self, metrics: Any = None, tracer_provider: trace.TracerProvider | None = None):
         self._metrics = metrics
         self._tracer = _tracer(tracer_provider)
+        self._durations: dict[str, Any] = {}
+
+    @staticmethod
+    def traces() -> bool:
+        """True when Redis work started now would get a span (a recording span is current)."""
+        parent = trace.get_current_span()
+        return parent.get_span_context().is_valid and parent.is_recording()
+
+    def timed(self, command: str, seconds: float) -> None:
+        """Record the duration of Redis work done without :meth:`observe` (a hot
+        path that times itself when :meth:`traces` is False)."""
+        if self._metrics is None:
+            return
+        child = self._durations.get(command)
+        if child is None:
+            child = self._durations[command] = self._metrics.redis_command_duration.labels(command)
+        child.observe(seconds)
+
+    def failed(self, command: str, error: BaseException) -> None:
+        """Count Redis work that failed (as :meth:`observe` does)."""
+        if self._metrics is not None and not isinstance(error, asyncio.CancelledError):
+            self._metrics.redis_command_errors.labels(command, type(error).__name__).inc()
 
     async def observe(
         self, command: str, run: Callable[[], Awaitable[Any]], *, blocking: bool = False
@@ -350,9 +372,8 @@ class RedisObserver:
         """Await ``run()`` as Redis work named ``command``. Blocking reads are not
         timed (their duration is the wait, not Redis' speed); errors still count."""
         metrics = self._metrics
-        parent = trace.get_current_span()
         span = None
-        if not blocking and parent.get_span_context().is_valid and parent.is_recording():
+        if not blocking and self.traces():
             span = self._tracer.start_span(
                 command,
                 kind=SpanKind.CLIENT,
@@ -362,17 +383,14 @@ class RedisObserver:
         try:
             result = await run()
         except BaseException as error:
-            if metrics is not None and not isinstance(error, asyncio.CancelledError):
-                metrics.redis_command_errors.labels(command, type(error).__name__).inc()
+            self.failed(command, error)
             if span is not None:
                 span.record_exception(error)
                 span.set_status(Status(StatusCode.ERROR, type(error).__name__))
             raise
         finally:
             if metrics is not None and not blocking:
-                metrics.redis_command_duration.labels(command).observe(
-                    time.perf_counter() - started
-                )
+                self.timed(command, time.perf_counter() - started)
             if span is not None:
                 span.end()
         return result

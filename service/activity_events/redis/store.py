@@ -64,6 +64,9 @@ creates arrive more often than that (a lone create is sent at once). A Redis
 round trip costs this process far more CPU than gRPC's per-call share, so under
 load a millisecond or two of latency buys several times the throughput."""
 
+KEYS_REMEMBERED = 10_000
+"""Deployments whose key names the write path keeps (forgotten all at once past this)."""
+
 ARRIVAL_SMOOTHING = 0.2
 """Weight of the newest gap in the moving average of gaps between creates."""
 
@@ -137,6 +140,8 @@ class EventStore:
         self._delete = LuaScript("delete.lua")
         self._pending: list[tuple[NewEvent, int, asyncio.Future[AppendResult]]] = []
         self._flush_scheduled = False
+        self._pending_since = 0.0
+        """When the oldest pending create arrived (event-loop time)."""
         self._flushes: set[asyncio.Task[None]] = set()
         self._last_arrival = 0.0
         self._gap = 1.0
@@ -145,6 +150,7 @@ class EventStore:
         """Largest event id seen per deployment: where id-0 assignment is expected next."""
         self._indexed: set[int] = set()
         """Deployments this process has put into the index (saves a ZADD per create)."""
+        self._deployment_keys: dict[int, list[str]] = {}
 
     async def run(self, work: Work[T], *, raw: bool = False) -> T:
         """Run Redis work on the current call's lane (see :mod:`activity_events.redis.lanes`)."""
@@ -172,31 +178,41 @@ class EventStore:
         """
         items = [(e, receive_ns) for e in events]
         lane = self.lanes.writes
-        return await lane.run(lambda _: self._append_all(lane, items))
+        return await lane.run_sends(lambda: self._append_all(lane, items))
 
     async def append_one(self, event: NewEvent, receive_ns: int) -> AppendResult:
         """Store one event, coalesced with other concurrent creates into one
-        pipelined round trip (and one script call per deployment): the creates of
-        one event-loop turn go together, and while FLUSHES_IN_FLIGHT round trips
-        are out, new creates gather for the next. Concurrent unary creates
-        thereby cost Redis and Python about what one batch does; a lone create
-        is sent right away."""
+        pipelined round trip (and one script call per deployment).
+
+        Group commit: while FLUSHES_IN_FLIGHT round trips are out, new creates
+        gather for the next. While creates arrive faster than LINGER_SECONDS/2
+        apart, a batch also waits until its oldest create is LINGER_SECONDS
+        old (or COALESCE_MAX are in), so under load one round trip carries many
+        creates instead of two or three; a lone create is sent at once.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[AppendResult] = loop.create_future()
         now = loop.time()
         gap = min(1.0, now - self._last_arrival)
         self._last_arrival = now
         self._gap += ARRIVAL_SMOOTHING * (gap - self._gap)
+        if not self._pending:
+            self._pending_since = now
         self._pending.append((event, receive_ns, future))
         if len(self._pending) >= COALESCE_MAX and len(self._flushes) < FLUSHES_IN_FLIGHT:
             self._start_flush()
         elif not self._flush_scheduled and len(self._flushes) < FLUSHES_IN_FLIGHT:
-            self._flush_scheduled = True
-            if self._gap < LINGER_SECONDS / 2:
-                loop.call_later(LINGER_SECONDS, self._start_flush)
-            else:
-                loop.call_soon(self._start_flush)
+            self._schedule_flush(loop, now)
         return await future
+
+    def _schedule_flush(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
+        """Flush the pending creates now or, under load, once the oldest has lingered."""
+        self._flush_scheduled = True
+        wait = LINGER_SECONDS - (now - self._pending_since)
+        if self._gap < LINGER_SECONDS / 2 and wait > 0:
+            loop.call_later(wait, self._start_flush)
+        else:
+            loop.call_soon(self._start_flush)
 
     def _start_flush(self) -> None:
         self._flush_scheduled = False
@@ -208,8 +224,13 @@ class EventStore:
 
     def _flushed(self, task: asyncio.Task[None]) -> None:
         self._flushes.discard(task)
-        if self._pending and not self._flush_scheduled:
+        if not self._pending or self._flush_scheduled:
+            return
+        if len(self._pending) >= COALESCE_MAX:
             self._start_flush()
+        else:
+            loop = asyncio.get_running_loop()
+            self._schedule_flush(loop, loop.time())
 
     async def _flush(self, batch: list[tuple[NewEvent, int, asyncio.Future[AppendResult]]]) -> None:
         live = [(event, receive) for event, receive, future in batch if not future.done()]
@@ -218,7 +239,7 @@ class EventStore:
             return
         try:
             lane = self.lanes.writes
-            results = await lane.run(lambda _: self._append_all(lane, live))
+            results = await lane.run_sends(lambda: self._append_all(lane, live))
         except BaseException as error:  # handed to every waiting caller
             for future in futures:
                 if not future.done():
@@ -252,10 +273,13 @@ class EventStore:
         ]
         results: list[AppendResult | None] = [None] * len(items)
         fresh: set[int] = set()
+        retention = self._retention_args()
         for _ in range(APPEND_ROUNDS):
             expect = dict(self._max_ids)  # advanced by each call's id-0 events, in order
             replies = await self._run_appends(
-                lane, [self._script_call(d, idx, prepared, expect) for d, idx in calls]
+                lane,
+                [self._script_call(d, idx, prepared, expect, retention) for d, idx in calls],
+                {d for d, _ in calls},
             )
             again: list[tuple[int, list[int]]] = []
             for (deployment_id, indexes), reply in zip(calls, replies, strict=True):
@@ -295,6 +319,7 @@ class EventStore:
         indexes: list[int],
         prepared: list[tuple[int, bytes, bytes]],
         expect: dict[int, int],
+        retention: list[int],
     ) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of one append.lua call. Besides the explicit ids' dedup
         buckets it passes those the ids it expects to assign for id 0 fall into
@@ -309,7 +334,7 @@ class EventStore:
             wanted.update(range(keys.bucket_of(first), keys.bucket_of(first + assign - 1) + 1))
         buckets = sorted(wanted)
         args: list[Any] = [
-            *self._retention_args(),
+            *retention,
             self._notify,
             len(buckets),
             *buckets,
@@ -317,22 +342,31 @@ class EventStore:
         ]
         for event in events:
             args += event
-        return keys.deployment_keys(deployment_id) + [
-            keys.ids(deployment_id, b) for b in buckets
-        ], args
+        return self._keys_of(deployment_id) + [keys.ids(deployment_id, b) for b in buckets], args
+
+    def _keys_of(self, deployment_id: int) -> list[str]:
+        """:func:`keys.deployment_keys`, remembered for the deployments written lately."""
+        found = self._deployment_keys.get(deployment_id)
+        if found is None:
+            if len(self._deployment_keys) >= KEYS_REMEMBERED:
+                self._deployment_keys.clear()
+            found = self._deployment_keys[deployment_id] = keys.deployment_keys(deployment_id)
+        return found
 
     def _retention_args(self) -> list[int]:
         max_age = self._settings.retention_max_age_seconds
         min_ms = int((time.time() - max_age) * 1000) if max_age > 0 else 0
         return [self._settings.retention_max_len, min_ms]
 
-    async def _run_appends(self, lane: Lane, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+    async def _run_appends(
+        self, lane: Lane, calls: list[tuple[list[str], list[Any]]], deployments: set[int]
+    ) -> list[Any]:
         """Every append call in one pipeline: the index ZADD of deployments this
         process has not written yet first, the optional WAIT last (on the same
         connection as the writes, so it counts replicas that have them)."""
         # Fresh deployments (first event, or first after a delete) are indexed
         # again by _announce, so a stale entry in _indexed never loses one.
-        unindexed = {keys.deployment_of(k[0]) for k, _ in calls} - self._indexed
+        unindexed = deployments - self._indexed
         before = []
         if unindexed:
             members = [part for d in unindexed for part in (d, str(d))]
