@@ -505,6 +505,33 @@ async def test_create_with_h2load_counts_what_the_server_stored(server: Any) -> 
     assert_ordered_latencies(result)
 
 
+@needs_h2load
+@pytest.mark.parametrize("scenario", ["list", "replay"])
+async def test_history_readers_with_h2load_get_every_byte(server: Any, scenario: str) -> None:
+    """h2load reads streams it cannot decode: a run counts as complete only when
+    it received exactly the bytes of that many whole histories."""
+    code, lines, stderr = await run_bench(
+        "--target", f"127.0.0.1:{server.port}", "--client", "h2load",
+        "--count", "700", "--concurrency", "3", "--connections", "2", scenario,
+    )  # fmt: skip
+    assert code == 0, stderr
+    (result,) = lines
+    assert result["client"] == "h2load" and result["streams"] == 3
+    assert result["complete"] is True, result
+    assert result["events"] == 3 * 700
+    assert result["data_bytes"] == result["expected_data_bytes"] > 3 * 700 * 5
+
+
+@needs_h2load
+async def test_history_readers_with_h2load_read_one_deployment(server: Any) -> None:
+    _, lines, _ = await run_bench(
+        "--target", f"127.0.0.1:{server.port}", "--client", "h2load",
+        "--count", "10", "--deployments", "2", "list",
+    )  # fmt: skip
+    (result,) = lines
+    assert "--deployments 1" in result["error"]
+
+
 # --- pure helpers ----------------------------------------------------------------
 
 

@@ -282,6 +282,36 @@ async def test_turns_hand_out_a_fixed_number_of_tickets_per_loop_iteration() -> 
     assert max(per_iteration.values()) <= 2 + 1  # a turn's two, plus one racing the tick
 
 
+async def test_turns_count_no_tickets_while_nothing_contends() -> None:
+    """Without writes in progress streams take tickets without waiting for a
+    turn; once writes start, the per-turn limit holds again."""
+    writing = False
+    turns = Turns(per_turn=1, contended=lambda: writing)
+    iteration = 0
+
+    async def ticker() -> None:
+        nonlocal iteration
+        for _ in range(200):
+            iteration += 1
+            await asyncio.sleep(0)
+
+    async def stream(taken: list[int]) -> None:
+        for _ in range(5):
+            await turns.take()
+            taken.append(iteration)
+
+    tick = asyncio.create_task(ticker())
+    free: list[int] = []
+    await asyncio.gather(*(stream(free) for _ in range(4)))
+    assert len(free) == 20 and len(set(free)) == 1  # all in the turn they asked in
+    writing = True
+    limited: list[int] = []
+    await asyncio.gather(*(stream(limited) for _ in range(4)))
+    tick.cancel()
+    assert len(limited) == 20
+    assert max(collections.Counter(limited).values()) <= 1 + 1
+
+
 async def test_follower_slots_come_back_when_followers_leave(
     app_factory: Any, channel_factory: Callable[..., grpc.aio.Channel]
 ) -> None:

@@ -111,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     knobs.add_argument("--deployments", type=int, help="deployments written/read")
     knobs.add_argument(
         "--client", choices=("grpc", "h2load"),
-        help="create: load generator, grpc.aio (default) or h2load (near-zero client CPU); "
-        "overload: what drives the readers (h2load when installed, else grpc)",
+        help="create, list, replay: load generator, grpc.aio (default) or h2load (near-zero "
+        "client CPU); overload: what drives the readers (h2load when installed, else grpc)",
     )  # fmt: skip
     knobs.add_argument("--batch", type=int, help="ingest: events per CreateEvents call")
     knobs.add_argument("--followers", type=int, help="follow, overload: follow streams (1000)")

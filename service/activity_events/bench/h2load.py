@@ -137,3 +137,113 @@ async def run_create_h2load(ctx: Context) -> Result:
         "errors": max(0, o.count - stored),
         **fields,
     }
+
+
+_DATA_BYTES = re.compile(r"traffic: .*?\((\d+)\) total, .*?\((\d+)\) headers .*?\((\d+)\) data")
+
+_STREAMING = {
+    "list": "/activityevents.ActivityEvents/ListEvents",
+    "replay": "/activityevents.ActivityEvents/WatchEvents",
+}
+
+
+async def _expected_data_bytes(ctx: Context, scenario: str, deployment: int) -> tuple[int, int]:
+    """(events, framed response bytes) one reader of ``deployment`` gets, read by
+    grpc.aio after the measured run (h2load sees bytes, not messages)."""
+    stub = ctx.pool.stub(0)
+    events = size = 0
+    if scenario == "list":
+        async for event in stub.ListEvents(
+            pb.Deployment(id=deployment), timeout=ctx.options.timeout
+        ):
+            events += 1
+            size += 5 + event.ByteSize()
+    else:
+        request = pb.WatchEventsRequest(deployment_id=deployment)
+        async for response in stub.WatchEvents(request, timeout=ctx.options.timeout):
+            events += len(response.events)
+            size += 5 + response.ByteSize()
+    return events, size
+
+
+async def run_read_h2load(ctx: Context, scenario: str) -> Result:
+    """History readers (legacy ListEvents or WatchEvents replay) from h2load:
+    ``concurrency`` streams over ``connections`` sessions, all reading the one
+    deployment (h2load sends one body). The run is complete when the DATA bytes
+    are exactly those of that many whole histories (checked against one
+    grpc.aio read afterwards)."""
+    from activity_events.bench.scenarios import fill  # noqa: PLC0415 - avoids an import cycle
+
+    o = ctx.options
+    executable = shutil.which("h2load")
+    if executable is None:
+        raise ScenarioError("h2load not found (Debian/Ubuntu: apt-get install nghttp2-client)")
+    ids = o.deployment_ids
+    if len(ids) != 1:
+        raise ScenarioError(
+            "with --client h2load every reader reads one deployment: --deployments 1"
+        )
+    await fill(ctx)
+    per_session = max(1, -(-o.concurrency // o.connections))
+    request = (
+        pb.Deployment(id=ids[0])
+        if scenario == "list"
+        else pb.WatchEventsRequest(deployment_id=ids[0])
+    )
+    with tempfile.TemporaryDirectory(prefix="activity-bench-h2load-") as tmp:
+        body = Path(tmp) / "body"
+        body.write_bytes(grpc_frame(request.SerializeToString()))
+        argv = [
+            executable,
+            "--requests", str(o.concurrency),
+            "--clients", str(min(o.connections, o.concurrency)),
+            "--max-concurrent-streams", str(per_session),
+            "--threads", "1",
+            "--data", str(body),
+            "--header", "content-type: application/grpc",
+            "--header", "te: trailers",
+            f"http://{o.target}{_STREAMING[scenario]}",
+        ]  # fmt: skip
+        ctx.progress.begin(f"{scenario} (h2load)", 0)
+        meter = ctx.meter()
+        children_before = _children_cpu()
+        meter.start()
+        process = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        try:
+            output, _ = await asyncio.wait_for(process.communicate(), o.timeout * 10)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise
+        wall = meter.stop()
+        children_cpu = _children_cpu() - children_before
+    text = output.decode(errors="replace")
+    if process.returncode != 0:
+        raise ScenarioError(f"h2load exited {process.returncode}: {text[-500:]}")
+    match, traffic = _FINISHED.search(text), _DATA_BYTES.search(text)
+    if traffic is None:
+        raise ScenarioError(f"h2load printed no traffic line: {text[-500:]}")
+    seconds = wall
+    if match:
+        seconds = float(match.group(1)) / (1000.0 if match.group(2) == "ms" else 1.0)
+    per_reader_events, per_reader_bytes = await _expected_data_bytes(ctx, scenario, ids[0])
+    data = int(traffic.group(3))
+    complete = data == per_reader_bytes * o.concurrency and per_reader_events == o.count
+    events = per_reader_events * o.concurrency if complete else 0
+    fields = meter.fields()
+    fields["client_cpu_pct"] = round(
+        (fields.get("client_cpu_pct") or 0.0) + 100.0 * children_cpu / wall, 1
+    )
+    return {
+        "events": events,
+        "seconds": round(seconds, 3),
+        "events_per_s": round(events / seconds, 1) if seconds > 0 else 0.0,
+        "streams": o.concurrency,
+        "complete": complete,
+        "data_bytes": data,
+        "expected_data_bytes": per_reader_bytes * o.concurrency,
+        "client": "h2load",
+        **fields,
+    }

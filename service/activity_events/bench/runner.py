@@ -17,7 +17,7 @@ import grpc
 from activity_events.bench import profiler, report
 from activity_events.bench.channels import ChannelPool
 from activity_events.bench.followers import run_follow
-from activity_events.bench.h2load import run_create_h2load
+from activity_events.bench.h2load import run_create_h2load, run_read_h2load
 from activity_events.bench.options import Options
 from activity_events.bench.overload import run_overload
 from activity_events.bench.progress import Progress
@@ -65,6 +65,8 @@ async def run_once(
         await pool.ready(options.timeout)
         if options.scenario == "create" and options.client == "h2load":
             result = await run_create_h2load(ctx)
+        elif options.scenario in ("list", "replay") and options.client == "h2load":
+            result = await run_read_h2load(ctx, options.scenario)
         else:
             result = await SCENARIO_RUNNERS[options.scenario](ctx)
     except (ScenarioError, grpc.aio.AioRpcError, TimeoutError) as exc:
