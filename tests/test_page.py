@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -89,8 +90,28 @@ class EventStream:
         self.headers: dict[str, str] = {}
 
     @classmethod
-    async def open(cls, port: int, path: str, headers: dict[str, str] | None = None) -> EventStream:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), TIMEOUT)
+    async def open(
+        cls,
+        port: int,
+        path: str,
+        headers: dict[str, str] | None = None,
+        *,
+        receive_buffer: int = 0,
+    ) -> EventStream:
+        """``receive_buffer`` fixes the socket's receive buffer (no autotuning), so a
+        browser that stops reading fills it after that many bytes on any machine."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if receive_buffer:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(
+                asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port)), TIMEOUT
+            )
+        except BaseException:
+            sock.close()
+            raise
+        reader, writer = await asyncio.open_connection(sock=sock)
         lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1", "Accept: text/event-stream"]
         lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
@@ -316,10 +337,14 @@ async def test_a_stream_that_falls_behind_ends_and_resumes_without_gap(
 ) -> None:
     """Like a gRPC follower, a stream that falls further behind than the hub keeps is
     ended, never left to grow; the browser's reconnect with Last-Event-ID then reads
-    the rest from history. The browser here stops reading until its socket is full."""
+    the rest from history. The browser here stops reading until its socket is full: its
+    receive buffer is fixed small, and the 12 MB sent exceed what the server's socket
+    can hold however far the kernel grows it."""
     server = await page_factory(follower_queue=2)
-    stream = await EventStream.open(server.port, "/api/deployments/6/stream?after=0-0")
-    big = "x" * 30_000
+    stream = await EventStream.open(
+        server.port, "/api/deployments/6/stream?after=0-0", receive_buffer=16 * 1024
+    )
+    big = "x" * 60_000
     received: list[dict[str, Any]] = []
     try:
         assert (await stream.message())["event"] == "live"

@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import socket
 from collections.abc import AsyncGenerator
 from http import HTTPStatus
 from importlib import resources
@@ -100,6 +101,12 @@ _STATIC = re.compile(r"^/static/([a-z0-9][a-z0-9._-]*)$")
 STREAM_HIGH_WATER = 64 * 1024
 """Bytes a live stream may have waiting in its socket buffer before it waits for
 the browser to read (at most ``stream_stall_seconds``)."""
+
+STREAM_SOCKET_BUFFER = 256 * 1024
+"""The kernel send buffer of a live stream's socket, fixed rather than autotuned:
+a stalled browser holds at most this much kernel memory (autotuning grows it to
+``tcp_wmem``'s maximum, megabytes), and one that stops reading is noticed after
+this many bytes on any machine."""
 
 
 def _is_stream(path: str) -> bool:
@@ -399,6 +406,10 @@ class ActivityPage:
             ticket.release()
             await feed.aclose()
             return
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SOCKET_BUFFER)
 
         turns = self.admission.turns[CallClass.STREAMS]
 
