@@ -39,7 +39,7 @@ import socket
 from collections.abc import AsyncGenerator
 from http import HTTPStatus
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from activity_events.domain import limits
 from activity_events.domain.errors import (
@@ -52,10 +52,9 @@ from activity_events.domain.events import Cursor
 from activity_events.grpc import auth
 from activity_events.grpc.admission import Admission, CallClass, StreamKind
 from activity_events.http.feeds import deployment_feed, deployment_rows, event_json, list_feed
+from activity_events.http.server import HttpPort, MetricsServer
 from activity_events.http.web import (
-    BadRequest,
     Request,
-    parse_head,
     response_head,
     send,
     send_error,
@@ -79,11 +78,6 @@ MAX_PAGE = 500
 
 DEFAULT_ROWS = 200
 """Deployments on the list page."""
-
-REQUEST_TIMEOUT_SECONDS = 5.0
-"""A client that has not sent its request head by then is dropped (own port only)."""
-
-MAX_HEAD_BYTES = 16 * 1024
 
 STATIC_TYPES = {
     ".css": "text/css; charset=utf-8",
@@ -165,7 +159,7 @@ class ActivityPage:
         self.tokens = tokens
         self.stall_seconds = settings.stream_stall_seconds
         self._streams: set[asyncio.Task[None]] = set()
-        self._server: asyncio.Server | None = None
+        self._own: HttpPort | None = None
         self._assets = resources.files(__package__) / "static"
 
     # -- lifecycle -------------------------------------------------------------
@@ -178,19 +172,13 @@ class ActivityPage:
     @property
     def port(self) -> int | None:
         """The page's own port (``page_port``), or None when it shares the metrics port."""
-        if self._server is None or not self._server.sockets:
-            return None
-        return int(self._server.sockets[0].getsockname()[1])
+        return self._own.port if self._own is not None else None
 
     async def listen(self, host: str, port: int) -> int:
         """Serve on a port of its own (``page_port``); returns the bound port."""
-        self._server = await asyncio.start_server(
-            self._handle, host, port, reuse_address=True, limit=MAX_HEAD_BYTES
-        )
-        bound = self.port
-        assert bound is not None
-        logger.info("Activity page is served on http://%s:%d/", host, bound)
-        return bound
+        self._own = HttpPort("Activity page", host, port, [self])
+        await self._own.start()
+        return self._own.port
 
     def drop_streams(self) -> int:
         """End every live stream now (browsers reconnect and resume); how many were open."""
@@ -201,34 +189,13 @@ class ActivityPage:
 
     async def stop(self) -> None:
         """Close the page's own port and end live streams."""
-        if self._server is not None:
-            self._server.close()
         streams = list(self._streams)
         self.drop_streams()
         if streams:
             await asyncio.wait(streams, timeout=2.0)
-        if self._server is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), timeout=2.0)
-            self._server = None
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Connections of the page's own port: one request each."""
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_SECONDS)
-            if not await self.serve(head, reader, writer):
-                await send(writer, None, HTTPStatus.NOT_FOUND, "text/plain", b"not found\n")
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            with contextlib.suppress(ConnectionError):
-                await send(writer, None, HTTPStatus.BAD_REQUEST, "text/plain", b"bad request\n")
-        except ConnectionError:
-            pass
-        except Exception:
-            logger.exception("activity page failed to answer")
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        if self._own is not None:
+            await self._own.stop()
+            self._own = None
 
     # -- routing ---------------------------------------------------------------
 
@@ -242,16 +209,12 @@ class ActivityPage:
         )
 
     async def serve(
-        self, head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> bool:
         """Answer a request if it is the page's; False leaves it to the caller.
 
         The caller closes the connection afterwards.
         """
-        try:
-            request = parse_head(head)
-        except BadRequest:
-            return False
         if not self.claims(request.path):
             return False
         if request.method not in {"GET", "HEAD"}:
@@ -406,33 +369,8 @@ class ActivityPage:
             ticket.release()
             await feed.aclose()
             return
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SOCKET_BUFFER)
-
-        turns = self.admission.turns[CallClass.STREAMS]
-
-        async def pump() -> None:
-            lanes.use(CallClass.STREAMS.value)
-            async for frame in feed:
-                await turns.take()
-                writer.write(frame)
-                if writer.transport.get_write_buffer_size() > STREAM_HIGH_WATER:
-                    # The browser is not reading: wait, but not forever.
-                    try:
-                        async with asyncio.timeout(self.stall_seconds):
-                            await writer.drain()
-                    except TimeoutError:
-                        self.admission.refuse(
-                            CallClass.STREAMS,
-                            "stalled",
-                            f"page stream stalled for {self.stall_seconds:g}s "
-                            f"(stream_stall_seconds={self.stall_seconds:g})",
-                        )
-                        return
-
-        task = asyncio.create_task(pump(), name="page-stream")
+        _fix_send_buffer(writer)
+        task = asyncio.create_task(self._pump(writer, feed), name="page-stream")
         gone = asyncio.create_task(reader.read(1), name="page-stream-peer")
         self._streams.add(task)
         try:
@@ -451,28 +389,58 @@ class ActivityPage:
             if error is not None and not isinstance(error, ConnectionError):
                 logger.warning("activity page stream ended by %s: %s", type(error).__name__, error)
 
+    async def _pump(self, writer: asyncio.StreamWriter, feed: AsyncGenerator[bytes, None]) -> None:
+        """Write the feed's frames, one loop turn each; a browser that stops reading
+        for ``stream_stall_seconds`` ends it (counted as a refusal)."""
+        lanes.use(CallClass.STREAMS.value)
+        turns = self.admission.turns[CallClass.STREAMS]
+        async for frame in feed:
+            await turns.take()
+            writer.write(frame)
+            if writer.transport.get_write_buffer_size() > STREAM_HIGH_WATER:
+                # The browser is not reading: wait, but not forever.
+                try:
+                    async with asyncio.timeout(self.stall_seconds):
+                        await writer.drain()
+                except TimeoutError:
+                    self.admission.refuse(
+                        CallClass.STREAMS,
+                        "stalled",
+                        f"page stream stalled for {self.stall_seconds:g}s "
+                        f"(stream_stall_seconds={self.stall_seconds:g})",
+                    )
+                    return
+
+
+def _fix_send_buffer(writer: asyncio.StreamWriter) -> None:
+    """Fix the socket's send buffer at STREAM_SOCKET_BUFFER (no autotuning)."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SOCKET_BUFFER)
+
 
 async def start_page(
     settings: Settings,
     store: EventStore,
     hub: Hub,
-    http: Any,
+    http: MetricsServer,
     *,
     admission: Admission,
     authenticator: auth.Authenticator | None,
 ) -> ActivityPage | None:
     """Build the page and attach it to the HTTP side port (or its own ``page_port``).
 
-    ``http`` is the running :class:`~activity_events.http.server.MetricsServer`;
-    returns None when ``page_enabled`` is false. Call :meth:`ActivityPage.stop`
-    before stopping the hub and the HTTP side port.
+    ``http`` is the running HTTP side port; returns None when ``page_enabled``
+    is false. Call :meth:`ActivityPage.stop` before stopping the hub and the
+    HTTP side port.
     """
     if not settings.page_enabled:
         return None
     tokens = authenticator.table if authenticator is not None else None
     page = ActivityPage(store, hub, settings, admission, tokens)
     if settings.page_port is None:
-        http.page = page
+        http.routes.append(page)
         logger.info(
             "Activity page is served on http://%s:%d/ (the HTTP side port)",
             settings.metrics_host,

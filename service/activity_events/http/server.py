@@ -12,7 +12,10 @@ probes expect.
 - ``/healthz``: 200 while the process and its event loop run (liveness).
 - ``/readyz``: 200 when the ``readiness`` callable says so (Redis reachable
   and not shutting down, decided by the caller), else 503 (readiness).
-- with ``page`` set: the activity page's routes (:mod:`activity_events.http.page`).
+- other routes added to it: the activity page (:mod:`activity_events.http.page`),
+  unless it has a port of its own (another :class:`HttpPort`).
+
+Anything else than GET or HEAD on a probe is 405; a head that is not HTTP is 400.
 """
 
 from __future__ import annotations
@@ -28,17 +31,19 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from activity_events.http.web import BadRequest, Request, parse_head, send
+
 logger = logging.getLogger(__name__)
 
 Readiness = Callable[[], bool | Awaitable[bool]]
 """Says whether this replica should receive traffic; may be sync or async."""
 
 
-class PageHandler(Protocol):
-    """Other routes on this port (the activity page): answers a request head, or returns False."""
+class Routes(Protocol):
+    """Some of a port's routes: answers a parsed request, or returns False to pass it on."""
 
     async def serve(
-        self, head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> bool: ...
 
 
@@ -48,38 +53,42 @@ REQUEST_TIMEOUT_SECONDS = 5.0
 MAX_HEAD_BYTES = 16 * 1024
 """Longest request head accepted; scrapers and probes send a few hundred bytes."""
 
+BACKLOG = 1024
+"""Connections the kernel queues before they are accepted (asyncio's default is 100):
+a thousand browsers reconnecting at once after a restart are queued, not dropped
+into SYN retransmissions of one, three, seven seconds."""
 
-class MetricsServer:
-    """Serves ``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` (port 0 picks one)."""
 
-    def __init__(
-        self,
-        registry: CollectorRegistry,
-        host: str = "0.0.0.0",  # noqa: S104 - scraped from other pods
-        port: int = 9464,
-        readiness: Readiness | None = None,
-    ) -> None:
-        self._registry = registry
+class HttpPort:
+    """One listening port (port 0 picks one): each connection's request head is read
+    (bounded in size and time), parsed once and offered to ``routes`` in turn; the
+    first that claims it answers, none claiming is 404. One request a connection."""
+
+    def __init__(self, name: str, host: str, port: int, routes: list[Routes]) -> None:
+        self.name = name
+        self.routes = routes
         self._host = host
         self._port = port
-        self._readiness = readiness
-        self.page: PageHandler | None = None
-        """Set to serve the activity page's routes on this port too."""
         self._server: asyncio.Server | None = None
 
     @property
     def port(self) -> int:
         """The bound port (useful with port 0); only valid after :meth:`start`."""
         if self._server is None or not self._server.sockets:
-            raise RuntimeError("MetricsServer is not started")
+            raise RuntimeError(f"{self.name} is not started")
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
         """Bind and start serving; raises OSError when the port is taken."""
         self._server = await asyncio.start_server(
-            self._handle, self._host, self._port, reuse_address=True, limit=MAX_HEAD_BYTES
+            self._handle,
+            self._host,
+            self._port,
+            reuse_address=True,
+            limit=MAX_HEAD_BYTES,
+            backlog=BACKLOG,
         )
-        logger.info("Metrics and probes are served on http://%s:%d", self._host, self.port)
+        logger.info("%s served on http://%s:%d/", self.name, self._host, self.port)
 
     async def stop(self) -> None:
         """Stop accepting and close open connections."""
@@ -96,50 +105,54 @@ class MetricsServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_SECONDS)
-            if self.page is not None and await self.page.serve(head, reader, writer):
-                return
-            status, content_type, body, is_head = await self._respond(head)
-            self._write(writer, status, content_type, b"" if is_head else body, len(body))
-            await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            self._write(writer, HTTPStatus.BAD_REQUEST, "text/plain", b"bad request\n")
+            request = parse_head(head)
+            for routes in self.routes:
+                if await routes.serve(request, reader, writer):
+                    return
+            await send(writer, request, HTTPStatus.NOT_FOUND, "text/plain", b"not found\n")
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, BadRequest):
             with contextlib.suppress(ConnectionError):
-                await writer.drain()
+                await send(writer, None, HTTPStatus.BAD_REQUEST, "text/plain", b"bad request\n")
         except ConnectionError:
             pass
         except Exception:
-            logger.exception("HTTP side port failed to answer")
+            logger.exception("%s failed to answer", self.name)
         finally:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _respond(self, head: bytes) -> tuple[HTTPStatus, str, bytes, bool]:
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3:
-            return HTTPStatus.BAD_REQUEST, "text/plain", b"bad request\n", False
-        verb, target, _version = parts
-        if verb not in {"GET", "HEAD"}:
-            return HTTPStatus.METHOD_NOT_ALLOWED, "text/plain", b"method not allowed\n", False
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            if name:
-                headers[name.strip().lower()] = value.strip()
-        path = target.split("?", 1)[0]
-        is_head = verb == "HEAD"
-        if path == "/metrics":
-            encoder, content_type = choose_encoder(headers.get("accept", ""))
-            return HTTPStatus.OK, content_type, encoder(self._registry), is_head
-        if path == "/healthz":
-            return HTTPStatus.OK, "text/plain", b"ok\n", is_head
-        if path == "/readyz":
+
+PROBE_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
+
+
+class Probes:
+    """``/metrics``, ``/readyz`` and ``/healthz`` (200 while the loop runs)."""
+
+    def __init__(self, registry: CollectorRegistry, readiness: Readiness | None) -> None:
+        self._registry = registry
+        self._readiness = readiness
+
+    async def serve(
+        self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        if request.path not in PROBE_PATHS:
+            return False
+        if request.method not in {"GET", "HEAD"}:
+            await send(writer, request, HTTPStatus.METHOD_NOT_ALLOWED, "text/plain",
+                       b"method not allowed\n", {"Allow": "GET, HEAD"})  # fmt: skip
+        elif request.path == "/metrics":
+            encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+            await send(writer, request, HTTPStatus.OK, content_type, encoder(self._registry))
+        elif request.path == "/readyz":
             ready = await self._is_ready()
-            if ready:
-                return HTTPStatus.OK, "text/plain", b"ready\n", is_head
-            return HTTPStatus.SERVICE_UNAVAILABLE, "text/plain", b"not ready\n", is_head
-        return HTTPStatus.NOT_FOUND, "text/plain", b"not found\n", is_head
+            status = HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE
+            await send(
+                writer, request, status, "text/plain", b"ready\n" if ready else b"not ready\n"
+            )
+        else:
+            await send(writer, request, HTTPStatus.OK, "text/plain", b"ok\n")
+        return True
 
     async def _is_ready(self) -> bool:
         if self._readiness is None:
@@ -153,18 +166,16 @@ class MetricsServer:
             logger.warning("Readiness check failed", exc_info=True)
             return False
 
-    @staticmethod
-    def _write(
-        writer: asyncio.StreamWriter,
-        status: HTTPStatus,
-        content_type: str,
-        body: bytes,
-        length: int | None = None,
+
+class MetricsServer(HttpPort):
+    """The HTTP side port: :class:`Probes`, then whatever routes are added (the
+    activity page, unless it has a port of its own)."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str = "0.0.0.0",  # noqa: S104 - scraped from other pods
+        port: int = 9464,
+        readiness: Readiness | None = None,
     ) -> None:
-        head = (
-            f"HTTP/1.1 {status.value} {status.phrase}\r\n"
-            f"Content-Type: {content_type}\r\n"
-            f"Content-Length: {len(body) if length is None else length}\r\n"
-            "Connection: close\r\n\r\n"
-        )
-        writer.write(head.encode("latin-1") + body)
+        super().__init__("Metrics and probes", host, port, [Probes(registry, readiness)])
