@@ -153,6 +153,9 @@ class Consumer:
         self.ack_errors: list[pb.AckError] = []
         self.sweep_now = True
         self.deleted = False
+        self._next_claim = self._next_sweep = self._next_refresh = 0.0
+        """When the next claim of expired deliveries, sweep of sources and re-read of
+        the configuration are due (monotonic seconds)."""
 
     # -- flow control ----------------------------------------------------------
 
@@ -259,10 +262,8 @@ class Consumer:
         follower = await self.hub.subscribe(self.config.deployment_id)
         acks = asyncio.create_task(self.read_acks(requests), name=f"acks {self.name}")
         hints = asyncio.create_task(self.pump_hints(follower), name=f"hints {self.name}")
-        claim_every = min(SWEEP_SECONDS, max(0.01, self.config.visibility_ms / 4000))
-        next_claim = 0.0
-        next_sweep = 0.0
-        next_refresh = time.monotonic() + CONFIG_REFRESH_SECONDS
+        self._next_claim = self._next_sweep = 0.0
+        self._next_refresh = time.monotonic() + CONFIG_REFRESH_SECONDS
         try:
             while not self.hub.stopping:
                 self.wake.clear()
@@ -271,31 +272,7 @@ class Consumer:
                     return  # the client half-closed: no more acks can come
                 if self.deleted:
                     raise NotFound(f"subscription {self.config.name!r} was deleted")
-                now = time.monotonic()
-                if now >= next_refresh:
-                    await self._refresh_config()
-                    next_refresh = now + CONFIG_REFRESH_SECONDS
-                    claim_every = min(SWEEP_SECONDS, max(0.01, self.config.visibility_ms / 4000))
-                if self.sweep_now or now >= next_sweep:
-                    self.sweep_now = False
-                    await self.refresh_sources()
-                    self.dirty.update(self.sources)
-                    next_sweep = now + SWEEP_SECONDS
-                self.dirty |= self.hinted
-                self.hinted.clear()
-                out: list[Delivered] = []
-                free = self.free_slots(now)
-                if free and now >= next_claim:
-                    out += await self.groups.claim_expired(
-                        self.config, self.name, self.sources, free
-                    )
-                    next_claim = now + claim_every
-                    free -= len(out)
-                if free > 0 and self.dirty:
-                    asked = sorted(self.dirty)
-                    fresh, more = await self.groups.read_new(self.config, self.name, asked, free)
-                    self.dirty -= set(asked) - more
-                    out += fresh
+                out = await self._collect(time.monotonic())
                 if out:
                     self.lease(out)
                     for message in delivery_responses(out, MAX_RESPONSE_BYTES):
@@ -307,7 +284,7 @@ class Consumer:
                     # Streams that returned a full batch (or were not reached) have
                     # more: read on at once. Each round drains or shrinks the set.
                     continue
-                await self._sleep(min(next_claim, next_sweep, next_refresh))
+                await self._sleep(min(self._next_claim, self._next_sweep, self._next_refresh))
         finally:
             follower.close()
             for task in (acks, hints):
@@ -315,6 +292,34 @@ class Consumer:
             for task in (acks, hints):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+
+    async def _collect(self, now: float) -> list[Delivered]:
+        """One round: the periodic chores that are due, then expired deliveries to
+        claim again (every visibility/4) and new entries of hinted streams, as many
+        as the free delivery slots allow."""
+        if now >= self._next_refresh:
+            await self._refresh_config()
+            self._next_refresh = now + CONFIG_REFRESH_SECONDS
+        if self.sweep_now or now >= self._next_sweep:
+            self.sweep_now = False
+            await self.refresh_sources()
+            self.dirty.update(self.sources)
+            self._next_sweep = now + SWEEP_SECONDS
+        self.dirty |= self.hinted
+        self.hinted.clear()
+        out: list[Delivered] = []
+        free = self.free_slots(now)
+        if free and now >= self._next_claim:
+            out += await self.groups.claim_expired(self.config, self.name, self.sources, free)
+            claim_every = min(SWEEP_SECONDS, max(0.01, self.config.visibility_ms / 4000))
+            self._next_claim = now + claim_every
+            free -= len(out)
+        if free > 0 and self.dirty:
+            asked = sorted(self.dirty)
+            fresh, more = await self.groups.read_new(self.config, self.name, asked, free)
+            self.dirty -= set(asked) - more
+            out += fresh
+        return out
 
     async def _sleep(self, until: float) -> None:
         deadline = self.next_deadline()

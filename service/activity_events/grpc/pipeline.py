@@ -560,12 +560,7 @@ class Pipeline:
                         otel_context.detach(span_token)
                 call.sent += 1
                 metrics.sent += 1
-                delivery = None
-                if span is not None:
-                    if span.open:
-                        span.responded(message)
-                    else:
-                        delivery = span.delivery(message)
+                delivery = None if span is None else span.sending(message)
                 if turns is not None:
                     await turns.take()
                 sending = call.next_cursor
@@ -579,8 +574,7 @@ class Pipeline:
                         delivery.end()
         finally:
             self.watchdog.forget(watched)
-            if hasattr(iterator, "aclose"):
-                await iterator.aclose()
+            await _close(iterator)
 
     def _stalled(self, call: Call) -> str:
         """A stream's client stopped reading: release the call's slot, count it, and
@@ -610,6 +604,13 @@ def _status(call: Call, context: Context, error: BaseException) -> grpc.StatusCo
             return grpc.StatusCode.DEADLINE_EXCEEDED
         return grpc.StatusCode.CANCELLED
     return status_of(context, error)
+
+
+async def _close(iterator: Any) -> None:
+    """Close a handler's response iterator if it can be (an async generator)."""
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 def _class_name(call: Call) -> CallClass:

@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 READ_COUNT = 1000
 """Most entries per stream one XREAD returns; more arrive on the next read."""
 
-BACKOFF_MAX = 5.0
+RECONNECT_BACKOFF_MAX = 5.0
 """Longest wait between reconnect attempts while Redis is down."""
 
 HEARTBEAT_SECONDS = 15.0
@@ -348,7 +348,7 @@ class NotifiedReader:
                 self._news.set()  # read everything once, in case a notice was missed
                 attempt += 1
                 await asyncio.sleep(backoff)
-                backoff = min(BACKOFF_MAX, backoff * 2)
+                backoff = min(RECONNECT_BACKOFF_MAX, backoff * 2)
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
@@ -547,12 +547,12 @@ class Hub:
                     "hub read failed (%s); retrying in %.1fs", type(exc).__name__, backoff
                 )
                 await asyncio.sleep(backoff)
-                backoff = min(BACKOFF_MAX, backoff * 2)
+                backoff = min(RECONNECT_BACKOFF_MAX, backoff * 2)
                 continue
             except Exception:
                 logger.exception("hub read failed; retrying in %.1fs", backoff)
                 await asyncio.sleep(backoff)
-                backoff = min(BACKOFF_MAX, backoff * 2)
+                backoff = min(RECONNECT_BACKOFF_MAX, backoff * 2)
                 continue
             finally:
                 self._reading = None
@@ -575,40 +575,47 @@ class Hub:
             if not rows:
                 if key.endswith(":events"):  # a stream new to this hub (Cluster notices)
                     announced.append(keys.deployment_of(key))
-                continue
-            if key == keys.NEW_DEPLOYMENTS:
+            elif key == keys.NEW_DEPLOYMENTS:
                 self._new_tail = rows[-1][0]
                 announced += [int(fields[b"d"]) for _, fields in rows if b"d" in fields]
-                continue
-            d = keys.deployment_of(key)
-            if d not in self._positions:
-                continue  # no longer watched
-            self._positions[d] = rows[-1][0]
-            for entry, fields in rows:
-                event = stored(d, entry, fields)
-                delivered.append(LiveEvent(event.cursor, event.payload))
-        woken = 0
-        if delivered:
-            # One ordered fan-out: by entry id, then deployment, like history_all.
-            delivered.sort(key=lambda e: e.cursor.key())
-            by_deployment: dict[int, list[LiveEvent]] = {}
-            for event in delivered:
-                by_deployment.setdefault(event.cursor.deployment_id, []).append(event)
-                if self._on_delivery is not None:
-                    self._on_delivery(event)
-            for d, events in by_deployment.items():
-                log = self._logs.get(d)
-                if log is not None:
-                    log.append(events, self._log_events, self._log_bytes)
-                    woken += log.wake()
-            everyone = self._logs.get(ALL)
-            if everyone is not None:
-                everyone.append(delivered, self._log_events, self._log_bytes)
-                woken += everyone.wake()
+            else:
+                delivered += self._entries(keys.deployment_of(key), rows)
         if announced and ALL in self._logs:
             for d in announced:
                 # A deployment new to this hub is read from its very first entry.
                 self._positions.setdefault(d, b"0-0")
+        return self._fan_out(delivered) if delivered else 0
+
+    def _entries(self, d: int, rows: list[tuple[bytes, dict[bytes, bytes]]]) -> list[LiveEvent]:
+        """A watched stream's new entries (none once it is no longer watched)."""
+        if d not in self._positions:
+            return []
+        self._positions[d] = rows[-1][0]
+        out = []
+        for entry, fields in rows:
+            event = stored(d, entry, fields)
+            out.append(LiveEvent(event.cursor, event.payload))
+        return out
+
+    def _fan_out(self, delivered: list[LiveEvent]) -> int:
+        """One ordered fan-out (by entry id, then deployment, like history_all) to
+        each deployment's log and the all-deployments log; followers woken."""
+        delivered.sort(key=lambda e: e.cursor.key())
+        by_deployment: dict[int, list[LiveEvent]] = {}
+        for event in delivered:
+            by_deployment.setdefault(event.cursor.deployment_id, []).append(event)
+            if self._on_delivery is not None:
+                self._on_delivery(event)
+        woken = 0
+        for d, events in by_deployment.items():
+            log = self._logs.get(d)
+            if log is not None:
+                log.append(events, self._log_events, self._log_bytes)
+                woken += log.wake()
+        everyone = self._logs.get(ALL)
+        if everyone is not None:
+            everyone.append(delivered, self._log_events, self._log_bytes)
+            woken += everyone.wake()
         return woken
 
 

@@ -264,6 +264,14 @@ class RpcSpan:
         loop = asyncio.get_running_loop()
         self._cap_timer = loop.call_later(self._tracing.cap, self.end_early)
 
+    def sending(self, message: Any) -> trace.Span | None:
+        """A streamed response goes out: noted on the call's span while it is open
+        (:meth:`responded`), else a :meth:`delivery` span the caller ends once sent."""
+        if self.open:
+            self.responded(message)
+            return None
+        return self.delivery(message)
+
     def responded(self, message: Any) -> None:
         """A streamed response goes out; the history marker ends the span early."""
         if self.open and _is_caught_up(message):

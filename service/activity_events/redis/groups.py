@@ -26,7 +26,7 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
@@ -532,8 +532,7 @@ class ConsumerGroups:
         streams: two pipelined round trips per CHUNK deployments."""
         deployments = await self.deployments(config)
         replaying = set(await self.replaying(config))
-        lag = pending = dead = 0
-        consumers: set[bytes] = set()
+        tally = _Tally(config)
         for start in range(0, len(deployments), CHUNK):
             chunk = deployments[start : start + CHUNK]
             pipe = Batch()
@@ -544,50 +543,12 @@ class ConsumerGroups:
                     pipe.xinfo_groups(keys.replays(d, config.name))
                     pipe.xlen(keys.replays(d, config.name))
             replies = iter(await self._store.run_batch(pipe))
-            # Follow-ups, in a second round trip: "lag" (counted or a whole
-            # untouched stream) and consumer names.
-            follow = Batch()
-            kinds: list[str] = []
             for d in chunk:
-                key = keys.events(d)
-                group = _group(next(replies), config.name)
-                dead += _int(next(replies))
-                if group is not None:
-                    pending += int(group["pending"])
-                    if group.get("lag") is not None:
-                        lag += int(group["lag"])
-                    else:  # Redis cannot tell: count what follows the group's position
-                        last = group["last-delivered-id"]
-                        last = last.decode() if isinstance(last, bytes) else str(last)
-                        follow.xrange(key, "(" + last, "+", count=LAG_SCAN)
-                        kinds.append("count")
-                    if int(group["consumers"]):
-                        follow.xinfo_consumers(key, config.name)
-                        kinds.append("names")
-                elif config.deployment_id == ALL:
-                    # A deployment the subscription has not touched yet: all of it.
-                    follow.xlen(key)
-                    kinds.append("length")
+                tally.add_stream(keys.events(d), next(replies), next(replies))
                 if d in replaying:
-                    replay_group = _group(next(replies), config.name)
-                    length = _int(next(replies))
-                    if replay_group is not None:
-                        replay_pending = int(replay_group["pending"])
-                        pending += replay_pending
-                        lag += max(0, length - replay_pending)
-            if not kinds:
-                continue
-            answers = await self._store.run_batch(follow)
-            for kind, answer in zip(kinds, answers, strict=True):
-                if isinstance(answer, Exception):
-                    continue
-                if kind == "count":
-                    lag += len(answer)
-                elif kind == "length":
-                    lag += _int(answer)
-                else:
-                    consumers |= {_name(row["name"]) for row in answer}
-        return SubscriptionStats(lag, pending, dead, len(consumers))
+                    tally.add_replay(next(replies), next(replies))
+            await tally.follow_up(self._store)
+        return tally.stats()
 
     async def delete(self, name: str) -> int:
         """Remove a subscription, its groups, replay streams and dead letters.
@@ -692,6 +653,72 @@ class ConsumerGroups:
     async def _replay_one(self, config: SubscriptionConfig, d: int, args: list[Any]) -> int:
         keys_ = [keys.dead_letters(d, config.name), keys.replays(d, config.name)]
         return int(await self._store.run(lambda r: self._replay(r, keys_, [config.name, *args])))
+
+
+class _Tally:
+    """:meth:`Subscriptions.stats`' sums. What one round trip cannot tell ("lag"
+    when Redis does not know it, consumer names) is asked in a second one: each
+    follow-up command is queued with the function that folds its answer in."""
+
+    def __init__(self, config: SubscriptionConfig) -> None:
+        self.config = config
+        self.lag = self.pending = self.dead = 0
+        self.consumers: set[bytes] = set()
+        self._follow = Batch()
+        self._folds: list[Callable[[Any], None]] = []
+
+    def add_stream(self, key: str, groups: Any, dead_letters: Any) -> None:
+        """One deployment's stream: its XINFO GROUPS and dead-letter XLEN replies."""
+        self.dead += _int(dead_letters)
+        group = _group(groups, self.config.name)
+        if group is None:
+            if self.config.deployment_id == ALL:
+                # A deployment the subscription has not touched yet: all of it.
+                self._follow.xlen(key)
+                self._folds.append(self._add_length)
+            return
+        self.pending += int(group["pending"])
+        if group.get("lag") is not None:
+            self.lag += int(group["lag"])
+        else:  # Redis cannot tell: count what follows the group's position
+            last = group["last-delivered-id"]
+            last = last.decode() if isinstance(last, bytes) else str(last)
+            self._follow.xrange(key, "(" + last, "+", count=LAG_SCAN)
+            self._folds.append(self._add_count)
+        if int(group["consumers"]):
+            self._follow.xinfo_consumers(key, self.config.name)
+            self._folds.append(self._add_consumers)
+
+    def add_replay(self, groups: Any, length: Any) -> None:
+        """A replay stream: what is in it and not pending is lag."""
+        group = _group(groups, self.config.name)
+        if group is not None:
+            pending = int(group["pending"])
+            self.pending += pending
+            self.lag += max(0, _int(length) - pending)
+
+    async def follow_up(self, store: EventStore) -> None:
+        """Send the queued follow-ups (if any) and fold their answers in."""
+        if not self._folds:
+            return
+        folds, self._folds = self._folds, []
+        answers = await store.run_batch(self._follow)
+        self._follow = Batch()
+        for fold, answer in zip(folds, answers, strict=True):
+            if not isinstance(answer, Exception):
+                fold(answer)
+
+    def _add_count(self, rows: Any) -> None:
+        self.lag += len(rows)
+
+    def _add_length(self, length: Any) -> None:
+        self.lag += _int(length)
+
+    def _add_consumers(self, rows: Any) -> None:
+        self.consumers |= {_name(row["name"]) for row in rows}
+
+    def stats(self) -> SubscriptionStats:
+        return SubscriptionStats(self.lag, self.pending, self.dead, len(self.consumers))
 
 
 def _int(value: Any) -> int:
