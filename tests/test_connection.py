@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from activity_events.app.settings import Settings, redact_url
+from activity_events.app.settings import Settings
+from activity_events.observability.logs import redact
 from activity_events.redis import connection
 
 
@@ -66,6 +67,6 @@ def test_settings_accept_every_shape_and_refuse_others() -> None:
     ],
 )
 def test_redaction_hides_passwords(url: str) -> None:
-    shown = redact_url(url)
+    shown = redact(url)
     assert "secret" not in shown
     assert "***" in shown

@@ -38,7 +38,7 @@ from prometheus_client import CollectorRegistry
 from activity_events import SERVICE_NAME
 from activity_events.app.embedded import EmbeddedRedis
 from activity_events.app.memory import MemoryTrimmer
-from activity_events.app.settings import Settings, redact_url
+from activity_events.app.settings import Settings
 from activity_events.grpc import auth, health, tls
 from activity_events.grpc.admission import Admission, CallClass
 from activity_events.grpc.events import POLICIES as EVENTS_POLICIES
@@ -51,6 +51,7 @@ from activity_events.grpc.watchdog import StreamWatchdog
 from activity_events.http.page import ActivityPage, start_page
 from activity_events.http.server import MetricsServer
 from activity_events.live.hub import BlockingReader, Hub, NotifiedReader, Reader
+from activity_events.observability import logs
 from activity_events.observability.grpc_metrics import GrpcServerMetrics
 from activity_events.observability.metrics import ServiceMetrics
 from activity_events.observability.tracing import RedisObserver, instrument_redis
@@ -80,7 +81,7 @@ server; admission control answers every call instead, at once."""
 
 
 def server_options(settings: Settings) -> list[tuple[str, Any]]:
-    """gRPC core options, each deliberate (see DESIGN.md's pitfalls)."""
+    """gRPC core options, each deliberate (see docs/architecture.md, "Known pitfalls")."""
     options: list[tuple[str, Any]] = [
         # A second process on the same port must fail, not silently share it.
         ("grpc.so_reuseport", 0),
@@ -149,7 +150,7 @@ class Application:
         settings, metrics = self.settings, self.metrics
         url = await self._redis(stack)
         target = connection.parse(url)
-        logger.info("using redis (%s) at %s", target.mode, redact_url(url))
+        logger.info("using redis (%s) at %s", target.mode, logs.redact(url))
 
         self.lanes = self._lanes(url, target.cluster)
         stack.push_async_callback(self.lanes.aclose)

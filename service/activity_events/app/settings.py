@@ -13,7 +13,6 @@ Consul > defaults.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -22,16 +21,17 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from activity_events.app.consul import DEFAULT_CONSUL_ADDR, ConsulSettingsSource
 
-REDIS_SCHEMES = (
-    "redis",
-    "rediss",
-    "unix",
-    "redis+sentinel",
-    "rediss+sentinel",
-    "redis+cluster",
-    "rediss+cluster",
-)
-"""URL schemes of ACTIVITY_REDIS_URL: one node, Sentinel, Cluster (see connection.py)."""
+REDIS_SCHEMES = {
+    "redis": "single",
+    "rediss": "single",
+    "unix": "single",
+    "redis+sentinel": "sentinel",
+    "rediss+sentinel": "sentinel",
+    "redis+cluster": "cluster",
+    "rediss+cluster": "cluster",
+}
+"""URL schemes of ACTIVITY_REDIS_URL and the topology each names: one node,
+Sentinel, Cluster (connected by :mod:`activity_events.redis.connection`)."""
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -41,7 +41,7 @@ def _default_data_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    """All knobs of the server. Field docs double as the README's settings table."""
+    """All knobs of the server. Field docs double as the settings table (docs/settings.md)."""
 
     model_config = SettingsConfigDict(
         env_prefix="ACTIVITY_",
@@ -183,7 +183,7 @@ class Settings(BaseSettings):
         "follower_queue, whichever is reached first).",
     )
     live_wakeups_per_second: float = Field(
-        5000,
+        2000,
         ge=0,
         description="Follower wake-ups per second, all followers together: with many "
         "followers live events come in bigger, rarer batches so writers keep their share "
@@ -341,17 +341,3 @@ class Settings(BaseSettings):
                     f"{', '.join(s + '://' for s in REDIS_SCHEMES)}; not {scheme[:20] or 'nothing'}://"
                 )
         return value
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, safe for logs and errors.
-
-    Works for every URL shape we accept, including multi-host Sentinel and
-    Cluster URLs (which urllib cannot parse) and ``...password=`` options.
-    """
-    url = _USERINFO.sub(r"\1***@", url)
-    return _PASSWORD_OPTION.sub(r"\1***", url)
-
-
-_USERINFO = re.compile(r"(://[^/@:]*:)[^/]*@")
-_PASSWORD_OPTION = re.compile(r"((?:^|[?&])[a-z_]*password=)[^&]*", re.IGNORECASE)

@@ -14,11 +14,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from activity_events.cli.errors import EXIT_CODES_HELP, CliError, ExitCode
+from activity_events.domain.limits import INT32_MAX
 
 PROG = "activity-client"
 
 #: int32 bounds of the wire contract's ids.
-INT32_MAX = 2**31 - 1
 
 #: Flags that take a value and may stand before a subcommand.
 CONNECTION_FLAGS = (

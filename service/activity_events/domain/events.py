@@ -57,9 +57,24 @@ def varint(n: int) -> bytes:
     return b"".join(parts)
 
 
+# The stored event is the canonical EventRequest encoding (fields in number
+# order); these are its fields' keys (field number << 3 | wire type). The append
+# script (redis/scripts/append.lua) prepends the key of ``id`` (0x08) itself.
+EVENT_MESSAGE = b"\x12"
+"""EventRequest.message: field 2, length-delimited."""
+EVENT_TIMESTAMP = b"\x1a"
+"""EventRequest.timestamp: field 3, length-delimited."""
+EVENT_DEPLOYMENT = b"\x20"
+"""EventRequest.deployment_id: field 4, varint."""
+TIMESTAMP_SEND = b"\x08"
+"""Timestamp.send: field 1, varint."""
+TIMESTAMP_RECEIVE = b"\x10"
+"""Timestamp.receive: field 2, varint."""
+
+
 def receive_timestamp_field(receive_ns: int) -> bytes:
     """Timestamp.receive (field 2) as encoded inside the stored payload."""
-    return b"\x10" + varint(receive_ns) if receive_ns else b""
+    return TIMESTAMP_RECEIVE + varint(receive_ns) if receive_ns else b""
 
 
 @total_ordering
@@ -163,12 +178,13 @@ class NewEvent:
         message = self.message
         if receive_field is None:  # callers encoding a batch pass it, computed once
             receive_field = receive_timestamp_field(receive_ns)
-        timestamp = (b"\x08" + varint(self.send_ns) if self.send_ns else b"") + receive_field
+        send = TIMESTAMP_SEND + varint(self.send_ns) if self.send_ns else b""
+        timestamp = send + receive_field
         return b"".join(
             (
-                b"\x12" + varint(len(message)) + message if message else b"",
-                b"\x1a" + varint(len(timestamp)) + timestamp,
-                b"\x20" + varint(self.deployment_id),
+                EVENT_MESSAGE + varint(len(message)) + message if message else b"",
+                EVENT_TIMESTAMP + varint(len(timestamp)) + timestamp,
+                EVENT_DEPLOYMENT + varint(self.deployment_id),
             )
         )
 

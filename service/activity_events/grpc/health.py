@@ -45,7 +45,7 @@ PROBE_INTERVAL = 0.5
 """Seconds between Redis pings while healthy."""
 PROBE_TIMEOUT = 1.0
 """A ping not answered within this many seconds counts as a failure."""
-BACKOFF_MAX = 1.0
+PROBE_BACKOFF_MAX = 1.0
 """Longest wait between pings while Redis is down: one connection attempt a
 second costs Redis nothing, and readiness comes back within a second of Redis."""
 
@@ -149,7 +149,7 @@ class RedisProbe:
             while not self._stopping:
                 ok, reason = await self._ping(client)
                 self._report(ok, reason)
-                delay = self.interval if ok else min(BACKOFF_MAX, delay * 2)
+                delay = self.interval if ok else min(PROBE_BACKOFF_MAX, delay * 2)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
                         await self._wake.wait()

@@ -37,10 +37,12 @@ logger = logging.getLogger(__name__)
 MASK = "***"
 """What a redacted secret is replaced with."""
 
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@]*:)[^\s@/]+@")
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@]*:)[^\s/]*@")
+"""user:password@ in a URL; the password runs to the last ``@`` before the path, so
+one holding ``@`` is masked whole (multi-host Sentinel and Cluster URLs too)."""
 _BEARER = re.compile(r"(?i)(?P<head>\b(?:bearer|basic)\s+)[A-Za-z0-9\-._~+/]+=*")
 _KEY_VALUE = re.compile(
-    r"(?i)(?P<head>\b(?:password|passwd|pwd|token|secret|api[_-]?key|authorization)"
+    r"(?i)(?P<head>\b(?:[a-z]+_)?(?:password|passwd|pwd|token|secret|api[_-]?key|authorization)"
     r"[\"']?\s*[:=]\s*[\"']?)(?P<value>[^\s\"'&,;}]+)"
 )
 

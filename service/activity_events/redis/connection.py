@@ -30,19 +30,11 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
-from activity_events.app.settings import Settings, redact_url
+from activity_events.app.settings import REDIS_SCHEMES, Settings
+from activity_events.observability.logs import redact
 
 logger = logging.getLogger(__name__)
 
-SCHEMES = {
-    "redis": "single",
-    "rediss": "single",
-    "unix": "single",
-    "redis+sentinel": "sentinel",
-    "rediss+sentinel": "sentinel",
-    "redis+cluster": "cluster",
-    "rediss+cluster": "cluster",
-}
 """URL scheme -> deployment shape."""
 
 
@@ -72,11 +64,11 @@ class Target:
 def parse(url: str) -> Target:
     """Parse a Redis URL of any supported shape (see the module docstring)."""
     scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in SCHEMES:
+    if not sep or scheme not in REDIS_SCHEMES:
         raise ValueError(
-            f"unsupported redis URL scheme {scheme!r}: use one of {', '.join(SCHEMES)}"
+            f"unsupported redis URL scheme {scheme!r}: use one of {', '.join(REDIS_SCHEMES)}"
         )
-    mode = SCHEMES[scheme]
+    mode = REDIS_SCHEMES[scheme]
     tls = scheme.startswith("rediss")
     if mode == "single":
         return Target(url=url, mode=mode, tls=tls)
@@ -148,7 +140,7 @@ def connect(
     kwargs = _common(settings, target, socket_timeout)
     if target.tls:
         kwargs.update(_tls(settings))
-    logger.debug("redis %s client for %s", target.mode, redact_url(url))
+    logger.debug("redis %s client for %s", target.mode, redact(url))
     if target.mode == "single":
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
