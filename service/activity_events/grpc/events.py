@@ -156,7 +156,9 @@ class ActivityEventsService:
 
     # -- new RPCs ------------------------------------------------------------------
 
-    async def CreateEvents(self, request: pb.CreateEventsRequest, context: Any) -> bytes:
+    async def CreateEvents(
+        self, request: pb.CreateEventsRequest, context: Any
+    ) -> pb.CreateEventsResponse:
         if len(request.events) > self._settings.max_batch:
             raise InvalidArgument(
                 "events",
@@ -164,7 +166,8 @@ class ActivityEventsService:
             )
         if self._metrics is not None:
             self._metrics.batch_size.observe(len(request.events))
-        results: list[bytes] = []
+        response = pb.CreateEventsResponse()
+        results = response.results
         valid = []
         where = []
         limit = self._settings.max_message_bytes
@@ -172,22 +175,23 @@ class ActivityEventsService:
             try:
                 valid.append(validate_new(event, max_message_bytes=limit))
                 where.append(index)
-                results.append(b"")  # filled in once stored
+                results.add(index=index)  # filled in once stored
             except InvalidArgument as error:
-                results.append(
-                    wire.event_result(
-                        index, event.id, event.deployment_id, pb.OUTCOME_INVALID, reason=str(error)
-                    )
+                results.add(
+                    index=index,
+                    id=event.id,
+                    deployment_id=event.deployment_id,
+                    outcome=pb.OUTCOME_INVALID,
+                    reason=str(error),
                 )
         if valid:
             receive = time.time_ns()
             stored = await self._store.append(valid, receive)
             self._count(stored)
-            receive_field = wire.receive_field(receive)
             for index, new, result in zip(where, valid, stored, strict=True):
-                results[index] = _event_result(index, new.event_id, result, receive_field)
+                _fill_result(results[index], new.event_id, result, receive)
         self._count((), invalid=len(results) - len(valid))
-        return b"".join(results)
+        return response
 
     async def WatchEvents(
         self, request: pb.WatchEventsRequest, context: Any
@@ -387,28 +391,21 @@ class _Watch:
             self.remaining -= len(rows)
 
 
-def _event_result(index: int, event_id: int, result: AppendResult, receive_field: bytes) -> bytes:
-    """The EventResult bytes of one stored (or refused) event of a batch."""
+def _fill_result(out: pb.EventResult, event_id: int, result: AppendResult, receive: int) -> None:
+    """The EventResult of one stored (or refused) event of a batch."""
     outcome = result.outcome
+    out.deployment_id = result.deployment_id
+    out.outcome = _OUTCOMES[outcome]  # type: ignore[assignment]
     if outcome is Outcome.CREATED or outcome is Outcome.DUPLICATE:
-        return wire.event_result_from_parts(
-            index,
-            result.event_id,
-            wire.deployment_and_outcome(result.deployment_id, _OUTCOMES[outcome]),
-            result.cursor_bytes,
-            receive_field,
-        )
-    reason = (
+        out.id = result.event_id
+        out.cursor = result.cursor_bytes.decode()
+        out.receive = receive
+        return
+    out.id = result.event_id or event_id
+    out.reason = (
         f"id: event {event_id} exists with a different message"
         if outcome is Outcome.CONFLICT
         else f"id: deployment {result.deployment_id} has no free event id left"
-    )
-    return wire.event_result(
-        index,
-        result.event_id or event_id,
-        result.deployment_id,
-        _OUTCOMES[outcome],
-        reason=reason,
     )
 
 
