@@ -43,6 +43,10 @@ class ChannelPool:
         """The stub of channel ``index % size``: callers pin work to a connection by index."""
         return self._stubs[index % len(self._stubs)]
 
+    def channel(self, index: int) -> grpc.aio.Channel:
+        """Channel ``index % size`` itself (for raw calls without a stub)."""
+        return self._channels[index % len(self._channels)]
+
     async def ready(self, seconds: float) -> None:
         """Waits until every channel is connected, so set-up is not measured."""
         async with asyncio.timeout(seconds):

@@ -32,7 +32,6 @@ import multiprocessing
 import time
 from array import array
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -54,6 +53,11 @@ _READY_SLACK_S = 30.0  # start-up of a spawned interpreter, on top of settling
 _WORKER_EXIT_S = 10.0
 _SAMPLER_NAME = "activity-bench"
 
+_WATCH_METHOD = "/activityevents.ActivityEvents/WatchEvents"
+
+_MARKER_MAX = 16
+"""Longer WatchEventsResponse messages hold events, so cannot be the caught-up marker."""
+
 
 @dataclass
 class Follower:
@@ -64,17 +68,22 @@ class Follower:
     repeats: int = 0
     caught_up: bool = False
     end: str | None = None
+    bytes_read: int = 0
 
 
 class FollowerGroup:
     """The followers of one process, their latency samples and their outcome.
 
     ``after`` is the cursor the followers start after ("": the whole history).
+    ``light`` followers do not parse what they receive (only the small caught-up
+    marker): they measure no latency and no drops, and cost their process a
+    fraction of the CPU, so that a storm of them loads the server, not the client.
     """
 
-    def __init__(self, deployments: list[int], after: str = "") -> None:
+    def __init__(self, deployments: list[int], after: str = "", *, light: bool = False) -> None:
         self.followers = [Follower(d) for d in deployments]
         self.after = after
+        self.light = light
         self.settled = 0
         self._all_settled = asyncio.Event()
         self.xadd_ms: array[float] = array("d")
@@ -84,11 +93,42 @@ class FollowerGroup:
         if not self.followers:
             self._all_settled.set()
 
-    def start(self, stub_of: Callable[[int], Any]) -> None:
+    def start(self, pool: ChannelPool) -> None:
         self._tasks = [
-            asyncio.create_task(self._follow(stub_of(k), follower))
+            asyncio.create_task(
+                self._follow_light(pool.channel(k), follower)
+                if self.light
+                else self._follow(pool.stub(k), follower)
+            )
             for k, follower in enumerate(self.followers)
         ]
+
+    async def _follow_light(self, channel: grpc.aio.Channel, follower: Follower) -> None:
+        request = pb.WatchEventsRequest(
+            deployment_id=follower.deployment, follow=True, after=self.after
+        )
+        call = channel.unary_stream(
+            _WATCH_METHOD,
+            request_serializer=pb.WatchEventsRequest.SerializeToString,
+            response_deserializer=None,  # bytes, never parsed
+        )(request)
+        try:
+            async for message in call:
+                follower.bytes_read += len(message)
+                if (
+                    len(message) < _MARKER_MAX
+                    and not follower.caught_up
+                    and pb.WatchEventsResponse.FromString(message).caught_up
+                ):
+                    follower.caught_up = True
+                    self._settle()
+            follower.end = "OK"
+        except grpc.aio.AioRpcError as exc:
+            follower.end = exc.code().name
+        finally:
+            call.cancel()
+            if not follower.caught_up:
+                self._settle()
 
     def _settle(self) -> None:
         self.settled += 1
@@ -166,6 +206,7 @@ class FollowerGroup:
                 len(expected.get(f.deployment, set()) - f.received) for f in self.followers
             ),
             "repeats": sum(f.repeats for f in self.followers),
+            "bytes": sum(f.bytes_read for f in self.followers),
         }
 
 
@@ -183,6 +224,7 @@ class WorkerPlan:
     drain_timeout: float
     uvloop: bool
     after: str = ""
+    light: bool = False
 
 
 def _worker_main(plan: WorkerPlan, conn: Connection) -> None:
@@ -212,10 +254,10 @@ async def _recv(conn: Connection, seconds: float) -> Any:
 
 async def _worker(plan: WorkerPlan, conn: Connection) -> None:
     pool = ChannelPool(plan.target, plan.connections)
-    group = FollowerGroup(plan.deployments, plan.after)
+    group = FollowerGroup(plan.deployments, plan.after, light=plan.light)
     try:
         await pool.ready(plan.timeout)
-        group.start(pool.stub)
+        group.start(pool)
         await group.wait_settled(max(plan.timeout, _SETTLE_TIMEOUT_S))
         conn.send(("ready", group.settled))
         cpu_start = time.process_time()
@@ -341,7 +383,7 @@ async def run_follow(ctx: Context) -> Result:
         if processes == 1:
             group = FollowerGroup([ids[k % len(ids)] for k in range(o.followers)])
             try:
-                group.start(ctx.pool.stub)
+                group.start(ctx.pool)
                 await group.wait_settled(max(o.timeout, _SETTLE_TIMEOUT_S))
                 await writer_pool.ready(o.timeout)
                 write = await _write_at_rate(ctx, writer_pool, expected)

@@ -53,7 +53,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "subscribe": dict(SUBSCRIBE_DEFAULTS),
     # overload: `count` events of history for the readers, `connections` writer channels;
     # concurrency is unused (writers, readers, viewers, followers and burst size the load).
-    # Readers are driven by h2load when it is installed (grpc.aio readers otherwise).
+    # Readers and page viewers are driven by h2load when it is installed (grpc.aio
+    # readers and asyncio viewers otherwise, or with --client grpc).
     "overload": {
         "count": 200_000,
         "concurrency": 0,

@@ -57,7 +57,7 @@ from activity_events.bench.channels import CHANNEL_OPTIONS, ChannelPool
 from activity_events.bench.followers import FollowerProcesses, WorkerPlan, ready_timeout
 from activity_events.bench.h2load import grpc_frame
 from activity_events.bench.scenarios import Context, Result, ScenarioError, fill, make_message
-from activity_events.bench.sideport import SidePort, SidePortError, Viewers
+from activity_events.bench.sideport import H2loadViewers, SidePort, SidePortError, Viewers
 from activity_events.bench.stats import Meter, latency_fields, process_rss_mb
 from activity_events.pb import activityevents_pb2 as pb
 
@@ -463,6 +463,7 @@ async def _viewer_storm(
                 drain_timeout=0.0,
                 uvloop=o.uvloop,
                 after=writers.last_cursor,
+                light=True,
             )
             for index in range(processes)
         ]
@@ -470,13 +471,20 @@ async def _viewer_storm(
         else []
     )
     after = quote(writers.last_cursor or "0-0")
-    viewers = Viewers(side, f"/api/deployments/{o.base}/stream?after={after}", o.viewers)
+    path = f"/api/deployments/{o.base}/stream?after={after}"
+    h2load = shutil.which("h2load") if o.client == "h2load" else None
+    viewers: Viewers | H2loadViewers = (
+        H2loadViewers(h2load, side, path, o.viewers) if h2load else Viewers(side, path, o.viewers)
+    )
     samples = Samples()
     ctx.progress.begin("overload: viewers", 0)
     try:
         await followers.start(ready_timeout(o.timeout))
         followers_since = time.perf_counter()
-        viewers.start(VIEWER_CONNECT_S)
+        if isinstance(viewers, H2loadViewers):
+            await viewers.start()
+        else:
+            viewers.start(VIEWER_CONNECT_S)
         await viewers.wait_connected(VIEWER_CONNECT_S + 1.0)
         meter = Meter(pids=dict(ctx.pids))
         meter.start()
@@ -492,6 +500,7 @@ async def _viewer_storm(
         ended.update(part["ended"])
     return {
         "viewers": o.viewers,
+        "viewer_client": "h2load" if isinstance(viewers, H2loadViewers) else "python",
         "viewers_open": viewers.opened,
         "viewers_refused": dict(viewers.refused),
         "viewers_dropped": viewers.dropped,

@@ -415,7 +415,7 @@ async def run_memory(ctx: Context) -> Result:
         "used_memory_per_event": round((used_after - used_before) / events, 1),
         **{f"{suffix}_bytes": n for suffix, n in per_key.items()},
         "encodings": encodings,
-        # Stream node size decides how densely entries pack (README "Redis settings").
+        # Stream node size decides how densely entries pack (docs/operations.md, "Redis settings").
         **{name.replace("-", "_"): int(value) for name, value in node_config.items()},
     }
 

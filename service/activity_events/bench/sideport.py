@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -24,6 +25,8 @@ READ_CHUNK = 64 * 1024
 RESET = b"event: reset"
 """The frame with which the server tells a browser to reload instead of catching up
 (too far behind, or its cursor removed by retention); the stream ends after it."""
+
+_PAGE_STREAMS = re.compile(r'^activity_streams_open\{kind="page_streams"\}\s+([0-9.e+]+)', re.M)
 
 _HANDLED = re.compile(r"^grpc_server_handled_total\{([^}]*)\}\s+([0-9.e+]+)", re.MULTILINE)
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
@@ -73,6 +76,14 @@ class SidePort:
             ) from exc
         head, _, body = response.partition(b"\r\n\r\n")
         return status_of(head.split(b"\r\n", 1)[0]), body
+
+    async def page_streams(self, seconds: float) -> int:
+        """``activity_streams_open{kind="page_streams"}`` now (0 when absent)."""
+        status, body = await self.get("/metrics", seconds)
+        if status != 200:
+            raise SidePortError(f"/metrics answered {status}")
+        match = _PAGE_STREAMS.search(body.decode("utf-8", errors="replace"))
+        return int(float(match.group(1))) if match else 0
 
     async def handled(self, method: str, seconds: float) -> Counter[str]:
         """``grpc_server_handled_total`` of ``method`` now, by status code name."""
@@ -177,3 +188,59 @@ class Viewers:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class H2loadViewers:
+    """The same viewers as one h2load process (HTTP/1.1, a connection and a GET
+    each, bodies read and discarded in C): a thousand of them cost the machine a
+    few percent of a core instead of a Python event loop's worth, so a viewer
+    storm loads the server rather than the bench. What each viewer received is
+    not known (``dropped``, ``resets`` and ``bytes_read`` stay None); how many
+    are open is the server's own gauge, ``activity_streams_open{kind="page_streams"}``.
+    """
+
+    def __init__(self, executable: str, side: SidePort, path: str, count: int) -> None:
+        self.executable = executable
+        self.side = side
+        self.path = path
+        self.count = count
+        self.opened = 0
+        self.refused: Counter[str] = Counter()
+        self.dropped: int | None = None
+        self.resets: int | None = None
+        self.bytes_read: int | None = None
+        self._process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        if self.count <= 0:
+            return
+        argv = [
+            self.executable, "--h1",
+            "--requests", str(self.count),
+            "--clients", str(self.count),
+            "--max-concurrent-streams", "1",
+            "--threads", "1",
+            f"http://{self.side.host}:{self.side.port}{self.path}",
+        ]  # fmt: skip
+        self._process = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+        )
+
+    async def wait_connected(self, seconds: float) -> None:
+        """Until the server counts every viewer's stream, or ``seconds`` passed;
+        those not open by then are counted as refused."""
+        deadline = time.monotonic() + seconds
+        while self.count > 0:
+            self.opened = await self.side.page_streams(max(0.5, deadline - time.monotonic()))
+            if self.opened >= self.count or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.2)
+        if self.opened < self.count:
+            self.refused["not open"] = self.count - self.opened
+
+    async def close(self) -> None:
+        """Kills h2load (by its handle): every viewer's connection closes."""
+        process = self._process
+        if process is not None and process.returncode is None:
+            process.kill()
+            await process.wait()
