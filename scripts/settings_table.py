@@ -1,8 +1,8 @@
-"""The README's settings table, generated from the Settings model.
+"""The settings table of docs/settings.md, generated from the Settings model.
 
 ``python scripts/settings_table.py`` prints it; ``--write`` replaces the block
-between the README's settings markers; tests/test_readme.py fails when the
-README's table is not what this prints.
+between the document's settings markers; tests/test_readme.py fails when the
+document's table is not what this prints.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def env_names(name: str) -> list[str]:
 
 START = "<!-- settings:start -->"
 END = "<!-- settings:end -->"
-README = Path(__file__).resolve().parent.parent / "README.md"
+DOCUMENT = Path(__file__).resolve().parent.parent / "docs" / "settings.md"
 
 
 def table() -> str:
@@ -44,17 +44,17 @@ def table() -> str:
     return "\n".join(lines) + "\n"
 
 
-def readme_table() -> str:
-    text = README.read_text()
+def documented_table() -> str:
+    text = DOCUMENT.read_text()
     return text[text.index(START) + len(START) : text.index(END)].strip("\n") + "\n"
 
 
 def main() -> None:
     if "--write" in sys.argv:
-        text = README.read_text()
+        text = DOCUMENT.read_text()
         head, rest = text.split(START, 1)
         _, tail = rest.split(END, 1)
-        README.write_text(f"{head}{START}\n{table()}{END}{tail}")
+        DOCUMENT.write_text(f"{head}{START}\n{table()}{END}{tail}")
     else:
         print(table(), end="")
 

@@ -5,7 +5,8 @@ SIGKILL/SIGTERM of an ``activity-server`` replica, client deadlines, dropped
 streams, overload) and counts what happened: events acknowledged, stored,
 duplicated, the statuses seen and how long failing calls took. The counts are
 printed (run with ``-s``) and, when ``RELIABILITY_RESULTS`` names a file,
-appended to it as JSON lines; the README's reliability section quotes them.
+appended to it as JSON lines; docs/operations.md's reliability section quotes
+them.
 
 Reproduce: ``.venv/bin/pytest -m slow tests/test_faults.py -s``.
 """

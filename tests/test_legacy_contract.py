@@ -1,7 +1,7 @@
 """An old client, built from the legacy messages alone, must keep working.
 
 The client here does not use the generated stubs: its descriptors are built
-in code from CONTRACT.md's table (Deployment, EventRequest, Timestamp,
+in code from the legacy contract's table (docs/api.md) (Deployment, EventRequest, Timestamp,
 EventResponse with fields 1-3, and the two legacy RPCs) in a private
 descriptor pool, exactly what a client compiled from the original .proto
 knows. Responses are taken as raw bytes and parsed with those messages, so

@@ -403,7 +403,7 @@ async def test_embedded_redis_serves_and_persists(
             c.laddr for c in children[0].net_connections(kind="unix") if c.laddr.endswith(".sock")
         }
         embedded = redis_asyncio.Redis(unix_socket_path=socket_path, socket_timeout=5)
-        try:  # the recommended settings (README "Redis settings")
+        try:  # the recommended settings (docs/operations.md, "Redis settings")
             config = await embedded.config_get("stream-node-max-*")
         finally:
             await embedded.aclose()

@@ -1,4 +1,4 @@
-"""Under load the service degrades on purpose: each promise of the README's
+"""Under load the service degrades on purpose: each promise of docs/operations.md's
 "Under load", on a real server and a real redis-server, bounded in count and time.
 
 The throughput figures (writers' share during read and viewer storms, RSS)

@@ -29,7 +29,7 @@ RECOMMENDED_REDIS_CONFIG: dict[str, str] = {
     "stream-node-max-bytes": "16384",
     "stream-node-max-entries": "1000",
 }
-"""Redis settings recommended for this service (README "Redis settings"). Streams
+"""Redis settings recommended for this service (docs/operations.md, "Redis settings"). Streams
 keep entries in listpack nodes of at most 4 KB / 100 entries by default; with
 ~80-byte entries a node then often ends just past a 4 KB allocation, wasting up
 to 20 bytes an event. 16 KB nodes cost 81 bytes a 66-byte event instead of

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="activity-server",
         description="Serve activityevents.ActivityEvents over gRPC. Configured by environment "
-        "variables (ACTIVITY_*, and PORT for the gRPC port); see the README's settings table.",
+        "variables (ACTIVITY_*, and PORT for the gRPC port); see docs/settings.md.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.parse_args(argv)
