@@ -32,6 +32,7 @@ from activity_events.domain.errors import (
 )
 from activity_events.domain.events import Cursor, NewEvent, StoredEvent, receive_timestamp_field
 from activity_events.redis import keys, scripts
+from activity_events.redis.commit import GroupCommit
 from activity_events.redis.lanes import Lane, Lanes, Work
 from activity_events.redis.scripts import LuaScript, run_pipelined
 
@@ -49,26 +50,9 @@ APPEND_ROUNDS = 8
 """Most times an append call is re-sent because concurrent writers assigned ids
 in a dedup bucket it did not name (see _script_call)."""
 
-COALESCE_MAX = 512
-"""Most concurrent unary creates sent to Redis in one round trip."""
-
-
-FLUSHES_IN_FLIGHT = 1
-"""Round trips of coalesced creates in flight at once. While one is, new creates
-wait for the next (group commit): under load batches grow instead of round trips
-multiplying, and a lone create still goes out at once."""
-
-LINGER_SECONDS = 0.003
-"""Longest a create waits for others to share its round trip, and only while
-creates arrive more often than that (a lone create is sent at once). A Redis
-round trip costs this process far more CPU than gRPC's per-call share, so under
-load a millisecond or two of latency buys several times the throughput."""
 
 KEYS_REMEMBERED = 10_000
 """Deployments whose key names the write path keeps (forgotten all at once past this)."""
-
-ARRIVAL_SMOOTHING = 0.2
-"""Weight of the newest gap in the moving average of gaps between creates."""
 
 PIPELINE_CHUNK = 500
 """Commands per pipeline when one is sent for each of many deployments."""
@@ -138,14 +122,9 @@ class EventStore:
         self._wait_replicas = 0 if cluster else settings.redis_wait_replicas
         self._append = LuaScript("append.lua")
         self._delete = LuaScript("delete.lua")
-        self._pending: list[tuple[NewEvent, int, asyncio.Future[AppendResult]]] = []
-        self._flush_scheduled = False
-        self._pending_since = 0.0
-        """When the oldest pending create arrived (event-loop time)."""
-        self._flushes: set[asyncio.Task[None]] = set()
-        self._last_arrival = 0.0
-        self._gap = 1.0
-        """Moving average of the seconds between creates (see LINGER_SECONDS)."""
+        self._commit: GroupCommit[tuple[NewEvent, int], AppendResult] = GroupCommit(
+            self._append_items
+        )
         self._max_ids: dict[int, int] = {}
         """Largest event id seen per deployment: where id-0 assignment is expected next."""
         self._indexed: set[int] = set()
@@ -181,75 +160,14 @@ class EventStore:
         return await lane.run_sends(lambda: self._append_all(lane, items))
 
     async def append_one(self, event: NewEvent, receive_ns: int) -> AppendResult:
-        """Store one event, coalesced with other concurrent creates into one
-        pipelined round trip (and one script call per deployment).
+        """Store one event, sent together with other concurrent creates in one
+        pipelined round trip (and one script call per deployment): see
+        :class:`~activity_events.redis.commit.GroupCommit`."""
+        return await self._commit.submit((event, receive_ns))
 
-        Group commit: while FLUSHES_IN_FLIGHT round trips are out, new creates
-        gather for the next. While creates arrive faster than LINGER_SECONDS/2
-        apart, a batch also waits until its oldest create is LINGER_SECONDS
-        old (or COALESCE_MAX are in), so under load one round trip carries many
-        creates instead of two or three; a lone create is sent at once.
-        """
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[AppendResult] = loop.create_future()
-        now = loop.time()
-        gap = min(1.0, now - self._last_arrival)
-        self._last_arrival = now
-        self._gap += ARRIVAL_SMOOTHING * (gap - self._gap)
-        if not self._pending:
-            self._pending_since = now
-        self._pending.append((event, receive_ns, future))
-        if len(self._pending) >= COALESCE_MAX and len(self._flushes) < FLUSHES_IN_FLIGHT:
-            self._start_flush()
-        elif not self._flush_scheduled and len(self._flushes) < FLUSHES_IN_FLIGHT:
-            self._schedule_flush(loop, now)
-        return await future
-
-    def _schedule_flush(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
-        """Flush the pending creates now or, under load, once the oldest has lingered."""
-        self._flush_scheduled = True
-        wait = LINGER_SECONDS - (now - self._pending_since)
-        if self._gap < LINGER_SECONDS / 2 and wait > 0:
-            loop.call_later(wait, self._start_flush)
-        else:
-            loop.call_soon(self._start_flush)
-
-    def _start_flush(self) -> None:
-        self._flush_scheduled = False
-        while self._pending and len(self._flushes) < FLUSHES_IN_FLIGHT:
-            batch, self._pending = self._pending[:COALESCE_MAX], self._pending[COALESCE_MAX:]
-            task = asyncio.create_task(self._flush(batch))
-            self._flushes.add(task)
-            task.add_done_callback(self._flushed)
-
-    def _flushed(self, task: asyncio.Task[None]) -> None:
-        self._flushes.discard(task)
-        if not self._pending or self._flush_scheduled:
-            return
-        if len(self._pending) >= COALESCE_MAX:
-            self._start_flush()
-        else:
-            loop = asyncio.get_running_loop()
-            self._schedule_flush(loop, loop.time())
-
-    async def _flush(self, batch: list[tuple[NewEvent, int, asyncio.Future[AppendResult]]]) -> None:
-        live = [(event, receive) for event, receive, future in batch if not future.done()]
-        futures = [future for *_, future in batch if not future.done()]
-        if not live:
-            return
-        try:
-            lane = self.lanes.writes
-            results = await lane.run_sends(lambda: self._append_all(lane, live))
-        except BaseException as error:  # handed to every waiting caller
-            for future in futures:
-                if not future.done():
-                    future.set_exception(error)
-            if not isinstance(error, Exception):
-                raise
-            return
-        for future, result in zip(futures, results, strict=True):
-            if not future.done():
-                future.set_result(result)
+    async def _append_items(self, items: list[tuple[NewEvent, int]]) -> list[AppendResult]:
+        lane = self.lanes.writes
+        return await lane.run_sends(lambda: self._append_all(lane, items))
 
     async def _append_all(
         self, lane: Lane, items: Sequence[tuple[NewEvent, int]]
