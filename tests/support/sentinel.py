@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import time
@@ -14,6 +15,10 @@ from tests.support.redis_process import RedisProcess, ping, redis_server_binary
 
 MASTER = "mymaster"
 READY_TIMEOUT = 20.0
+
+
+REJOIN_NUDGE_S = 5.0
+"""How long the old primary is given to sync before it is told REPLICAOF again."""
 
 
 class SentinelSet:
@@ -121,11 +126,43 @@ class SentinelSet:
             str(master),
         )
         self.primary.start()
-        self._wait(
-            lambda: self._following(self.primary, self.replica),
-            "old primary rejoined as a replica",
-            timeout,
-        )
+        deadline = time.monotonic() + timeout
+        while True:
+            # Asked again every few seconds: Sentinel may have told it otherwise
+            # meanwhile, and REPLICAOF of the master it already follows is a no-op.
+            with contextlib.suppress(redis.RedisError):
+                redis.Redis(port=self.primary.port, socket_timeout=2).execute_command(  # type: ignore[no-untyped-call]
+                    "REPLICAOF", "127.0.0.1", str(self.replica.port)
+                )
+            try:
+                self._wait(
+                    lambda: self._following(self.primary, self.replica),
+                    "old primary rejoined as a replica",
+                    min(REJOIN_NUDGE_S, max(0.1, deadline - time.monotonic())),
+                )
+                return
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"old primary rejoined as a replica not reached within {timeout}s; "
+                        f"its replication: {self._replication(self.primary)}; "
+                        f"its log ends: {self._log_tail(self.primary)}; "
+                        f"the new master's log ends: {self._log_tail(self.replica)}"
+                    ) from None
+
+    @staticmethod
+    def _replication(server: RedisProcess) -> object:
+        try:
+            return redis.Redis(port=server.port, socket_timeout=2).info("replication")
+        except redis.RedisError as error:
+            return repr(error)
+
+    @staticmethod
+    def _log_tail(server: RedisProcess, lines: int = 15) -> str:
+        try:
+            return " | ".join(server.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError as error:
+            return repr(error)
 
     def stop(self) -> None:
         if self._sentinel is not None and self._sentinel.poll() is None:
