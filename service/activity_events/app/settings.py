@@ -151,10 +151,11 @@ class Settings(BaseSettings):
         "that reads cannot crowd writes out of the event loop.",
     )
     streams_per_turn: int = Field(
-        4,
+        64,
         gt=0,
         description="Messages long-lived streams (followers, page streams, consumers) may send "
-        "per event-loop turn, all together.",
+        "per event-loop turn, all together. Larger than reads_per_turn: their messages are "
+        "small and many streams wake at once, and every extra turn costs the loop a poll.",
     )
     stream_stall_seconds: float = Field(
         30.0,

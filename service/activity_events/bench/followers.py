@@ -32,6 +32,7 @@ import multiprocessing
 import time
 from array import array
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -104,24 +105,34 @@ class FollowerGroup:
         ]
 
     async def _follow_light(self, channel: grpc.aio.Channel, follower: Follower) -> None:
-        request = pb.WatchEventsRequest(
-            deployment_id=follower.deployment, follow=True, after=self.after
-        )
         call = channel.unary_stream(
             _WATCH_METHOD,
             request_serializer=pb.WatchEventsRequest.SerializeToString,
             response_deserializer=None,  # bytes, never parsed
-        )(request)
+        )(self._request(follower))
+
+        def count(message: bytes) -> None:
+            follower.bytes_read += len(message)
+            if (
+                len(message) < _MARKER_MAX
+                and not follower.caught_up
+                and pb.WatchEventsResponse.FromString(message).caught_up
+            ):
+                self._caught_up(follower)
+
+        await self._watch(follower, call, count)
+
+    def _request(self, follower: Follower) -> pb.WatchEventsRequest:
+        return pb.WatchEventsRequest(
+            deployment_id=follower.deployment, follow=True, after=self.after
+        )
+
+    async def _watch(self, follower: Follower, call: Any, handle: Callable[[Any], None]) -> None:
+        """Hand each message of ``call`` to ``handle`` until the stream ends; note
+        how it ended, and settle a follower that never caught up."""
         try:
             async for message in call:
-                follower.bytes_read += len(message)
-                if (
-                    len(message) < _MARKER_MAX
-                    and not follower.caught_up
-                    and pb.WatchEventsResponse.FromString(message).caught_up
-                ):
-                    follower.caught_up = True
-                    self._settle()
+                handle(message)
             follower.end = "OK"
         except grpc.aio.AioRpcError as exc:
             follower.end = exc.code().name
@@ -129,6 +140,10 @@ class FollowerGroup:
             call.cancel()
             if not follower.caught_up:
                 self._settle()
+
+    def _caught_up(self, follower: Follower) -> None:
+        follower.caught_up = True
+        self._settle()
 
     def _settle(self) -> None:
         self.settled += 1
@@ -136,43 +151,33 @@ class FollowerGroup:
             self._all_settled.set()
 
     async def _follow(self, stub: Any, follower: Follower) -> None:
-        request = pb.WatchEventsRequest(
-            deployment_id=follower.deployment, follow=True, after=self.after
-        )
-        call = stub.WatchEvents(request)
         received, xadd, receive, send = (
             follower.received,
             self.xadd_ms,
             self.receive_ms,
             self.send_ms,
         )
-        try:
-            async for response in call:
-                if response.caught_up:
-                    follower.caught_up = True
-                    self._settle()
+
+        def record(response: pb.WatchEventsResponse) -> None:
+            if response.caught_up:
+                self._caught_up(follower)
+                return
+            now_ns = time.time_ns()
+            now_ms = now_ns / 1e6
+            for stored in response.events:
+                cursor = stored.cursor
+                if cursor in received:
+                    follower.repeats += 1
                     continue
-                now_ns = time.time_ns()
-                now_ms = now_ns / 1e6
-                for stored in response.events:
-                    cursor = stored.cursor
-                    if cursor in received:
-                        follower.repeats += 1
-                        continue
-                    received.add(cursor)
-                    ms = cursor_ms(cursor)
-                    if ms is not None:
-                        xadd.append(now_ms - ms)
-                    stamp = stored.event.timestamp
-                    receive.append((now_ns - stamp.receive) / 1e6)
-                    send.append((now_ns - stamp.send) / 1e6)
-            follower.end = "OK"
-        except grpc.aio.AioRpcError as exc:
-            follower.end = exc.code().name
-        finally:
-            call.cancel()
-            if not follower.caught_up:
-                self._settle()
+                received.add(cursor)
+                ms = cursor_ms(cursor)
+                if ms is not None:
+                    xadd.append(now_ms - ms)
+                stamp = stored.event.timestamp
+                receive.append((now_ns - stamp.receive) / 1e6)
+                send.append((now_ns - stamp.send) / 1e6)
+
+        await self._watch(follower, stub.WatchEvents(self._request(follower)), record)
 
     async def wait_settled(self, seconds: float) -> None:
         """Until every follower caught up or ended, or ``seconds`` passed."""
