@@ -33,11 +33,11 @@ from activity_events.grpc.pipeline import Pipeline, Policy
 from activity_events.grpc.watchdog import StreamWatchdog
 from activity_events.observability.grpc_metrics import GrpcServerMetrics
 from activity_events.observability.metrics import ServiceMetrics
+from activity_events.observability.redis_observer import instrument_redis
 from activity_events.observability.tracing import (
     ServerTracing,
     build_resource,
     configure_tracing,
-    instrument_redis,
     shutdown_tracing,
 )
 from activity_events.pb import activityevents_pb2 as pb

@@ -54,7 +54,7 @@ from activity_events.live.hub import BlockingReader, Hub, NotifiedReader, Reader
 from activity_events.observability import logs
 from activity_events.observability.grpc_metrics import GrpcServerMetrics
 from activity_events.observability.metrics import ServiceMetrics
-from activity_events.observability.tracing import RedisObserver, instrument_redis
+from activity_events.observability.redis_observer import RedisObserver, instrument_redis
 from activity_events.pb import activityevents_pb2_grpc as pb_grpc
 from activity_events.redis import connection
 from activity_events.redis.lanes import Lane, Lanes

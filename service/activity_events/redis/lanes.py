@@ -38,7 +38,7 @@ from redis import exceptions as rexc
 from activity_events.domain.errors import ActivityError, Overloaded, StoreUnavailable
 
 if TYPE_CHECKING:
-    from activity_events.observability.tracing import RedisObserver
+    from activity_events.observability.redis_observer import RedisObserver
 
 logger = logging.getLogger(__name__)
 
