@@ -9,6 +9,10 @@ from typing import Any
 import grpc
 import pytest
 
+from activity_events.domain.events import Cursor
+from activity_events.grpc.events import ActivityEventsService, _Watch
+from activity_events.live.hub import Follower as HubFollower
+from activity_events.live.hub import LiveEvent, Log
 from activity_events.pb import activityevents_pb2 as pb
 from activity_events.pb import activityevents_pb2_grpc as pb_grpc
 from tests.support.streams import RPC_TIMEOUT, Follower, create, event, wait_until, watch
@@ -330,3 +334,45 @@ async def test_all_deployments_follower_gets_concurrent_writes_exactly_once(
             raise AssertionError(f"unexpected message after the last event: {extra}")
     finally:
         follower.cancel()
+
+
+async def test_live_events_history_already_sent_are_not_repeated() -> None:
+    """The hub reads Redis on its own, so it may append an event that history
+    already read even after history ended. A follower's live batches are checked
+    event by event until one starts after everything sent, then go out whole."""
+    loop = asyncio.get_running_loop()
+    hub = type("StubHub", (), {"stopping": False, "loop": loop})()
+    log = Log()
+    follower = HubFollower(hub, 7, log)  # type: ignore[arg-type]
+    events = [
+        LiveEvent(Cursor(7, 1000, n), pb.EventRequest(id=n, deployment_id=7).SerializeToString())
+        for n in range(1, 8)
+    ]
+    service = object.__new__(ActivityEventsService)
+    service._hub = hub  # type: ignore[assignment]
+    service._settings = type("S", (), {"page_size": 100})()  # type: ignore[assignment]
+    service._max_message = 1 << 20
+    watch = _Watch(7, None, None)
+    watch.seen[7] = events[2].cursor  # history sent events 1..3 and ended
+    live = service._live(watch, follower)
+    received: list[int] = []
+
+    async def take() -> None:
+        message = await asyncio.wait_for(anext(live), 5)
+        response = pb.WatchEventsResponse.FromString(message)
+        received.extend(stored.event.id for stored in response.events)
+
+    taking = asyncio.create_task(take())  # live phase begun, waiting for the hub
+    await asyncio.sleep(0.05)
+    assert not taking.done()
+    log.append(events[1:5], 100, 1 << 20)  # 2..5: the hub caught up late
+    log.wake()
+    await taking
+    assert received == [4, 5]
+    taking = asyncio.create_task(take())
+    await asyncio.sleep(0.05)
+    log.append(events[5:], 100, 1 << 20)  # 6, 7: newer than all sent
+    log.wake()
+    await taking
+    assert received == [4, 5, 6, 7]
+    await live.aclose()

@@ -261,18 +261,22 @@ class ActivityEventsService:
             position = watch.last
 
     async def _live(self, watch: _Watch, follower: Follower) -> AsyncIterator[bytes]:
-        """Live events as the hub appends them. Events the follower's log held
-        before history ended may repeat what history sent, and a limit counts
-        events: those batches are looked at event by event. Every later batch
-        goes out as slices of the log's shared encodings, whatever its size."""
+        """Live events as the hub appends them. Live events may repeat what history
+        sent (the hub may append an event history already read, even after history
+        ended), and a limit counts events: such batches are looked at event by
+        event. Once a batch of one deployment starts after everything sent, every
+        later batch does too (a deployment's events reach its log in order), and
+        they go out as slices of the log's shared encodings, whatever their size.
+        For all deployments (whose log interleaves streams) every batch is looked at."""
         page_size = self._settings.page_size
-        overlap_until = follower.log.end
+        overlapping = True
         while not self._hub.stopping:
-            start = follower.position
             batch = await follower.next_batch(watch.resume_hint(), page_size)
             if not batch:
                 continue
-            if start >= overlap_until and watch.remaining is None:
+            if overlapping and watch.deployment != ALL:
+                overlapping = not watch.is_new(batch.first())
+            if not overlapping and watch.remaining is None:
                 watch.sent_live(batch.run_lasts())
                 for message, last in batch.messages(wire.watch_piece, self._max_message):
                     note_cursor(str(last.cursor))
@@ -355,6 +359,15 @@ class _Watch:
 
     def resume_hint(self) -> str | None:
         return last_cursor(self.seen)
+
+    def is_new(self, event: StoredEvent | None) -> bool:
+        """Whether ``event`` is newer than anything of its deployment sent (or the
+        cursor the watch started after)."""
+        if event is None:
+            return False
+        cursor = event.cursor
+        prior = self.seen.get(cursor.deployment_id)  # holds ``after`` from the start
+        return prior is None or prior.key() < cursor.key()
 
     def fresh(self, events: Sequence[E]) -> list[E]:
         """The events not sent yet (in order), up to the limit, noted as sent."""

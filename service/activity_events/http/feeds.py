@@ -119,14 +119,15 @@ def event_frame(event: StoredEvent) -> bytes:
 async def _live(hub: Hub, sub: Follower, seen: dict[int, Cursor]) -> AsyncGenerator[bytes, None]:
     """Live events from ``sub`` newer than what ``seen`` records, per deployment.
 
-    Events the log held before the feed caught up may repeat what it sent;
-    those are checked one by one. Later batches go out as slices of the
-    log's shared SSE frames (every viewer of the log sends the same bytes).
+    Live events may repeat what was sent before (the hub may append an event
+    history already read, even after history ended): those batches are checked
+    one by one. Once a batch of one deployment starts after everything sent,
+    later batches go out as slices of the log's shared SSE frames (every viewer
+    of the log sends the same bytes); all deployments' batches are always checked.
     """
     newest = max(seen.values()) if seen else None
-    overlap_until = sub.log.end
+    overlapping = True
     while not hub.stopping:
-        start = sub.position
         try:
             batch = await sub.next_batch(str(newest) if newest else None, LIVE_BATCH)
         except FollowerLagged:
@@ -136,10 +137,15 @@ async def _live(hub: Hub, sub: Follower, seen: dict[int, Cursor]) -> AsyncGenera
             if not hub.stopping:
                 yield SSE_KEEPALIVE
             continue
-        if start >= overlap_until:
+        if overlapping and sub.deployment_id != ALL:
+            first = batch.first()
+            prior = seen.get(sub.deployment_id)
+            overlapping = first is None or (prior is not None and first.cursor.key() <= prior.key())
+        if not overlapping:
             last = batch.last()
             assert last is not None
             newest = last.cursor if newest is None or newest < last.cursor else newest
+            seen[last.cursor.deployment_id] = last.cursor
             for message, _ in batch.messages(event_frame, FRAMES_BYTES):
                 yield message
             continue

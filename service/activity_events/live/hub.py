@@ -169,6 +169,12 @@ class Batch:
         chunk, _, stop = self.runs[-1]
         return chunk.events[stop - 1]
 
+    def first(self) -> LiveEvent | None:
+        if not self.runs:
+            return None
+        chunk, start, _ = self.runs[0]
+        return chunk.events[start]
+
     def run_lasts(self) -> list[LiveEvent]:
         """The last event of each run (each the newest of its chunk's part)."""
         return [chunk.events[stop - 1] for chunk, _, stop in self.runs]
