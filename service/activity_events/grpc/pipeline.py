@@ -177,6 +177,7 @@ class Call:
         "cursor",
         "deadline",
         "deployments",
+        "ended",
         "error",
         "method",
         "next_cursor",
@@ -207,6 +208,8 @@ class Call:
         self.peer = ""
         """The client's address, read when the call starts: grpc must not be asked
         once the call may be over (its call object may be gone)."""
+        self.ended = False
+        """Metrics, log line and span are recorded (once, see Pipeline._end)."""
 
     def release(self) -> None:
         ticket, self.ticket = self.ticket, None
@@ -385,6 +388,9 @@ class Pipeline:
             code = status_for(error)
             call.code = code
             call.error = error
+            # Recorded before the status goes out: abort() sends it before it
+            # raises, and a client that has its status may look at the metrics.
+            self._end(call, context, error)
             await context.abort(code, str(error))
         call.code = grpc.StatusCode.INTERNAL
         call.error = error
@@ -395,13 +401,17 @@ class Pipeline:
             error,
             exc_info=error,
         )
+        self._end(call, context, error)
         await context.abort(
             grpc.StatusCode.INTERNAL, "internal error; the server log has the details"
         )
 
     def _end(self, call: Call, context: Any, error: BaseException | None) -> None:
-        """Stage 9 and the end of stage 1: metrics, access log, span."""
+        """Stage 9 and the end of stage 1: metrics, access log, span (once a call)."""
         call.release()
+        if call.ended:
+            return
+        call.ended = True
         code = call.code
         if code is None:
             code = OK if error is None else _status(call, context, error)
