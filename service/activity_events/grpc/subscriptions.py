@@ -25,11 +25,11 @@ from activity_events.grpc.admission import CallClass, StreamKind
 from activity_events.grpc.consumer import Consumer, OpenRequest, validate_open
 from activity_events.grpc.pipeline import Policy
 from activity_events.live.hub import Hub
+from activity_events.observability.metrics import SubscriptionMetrics
 from activity_events.pb import activityevents_pb2 as pb
 from activity_events.redis.groups import (
     ConsumerGroups,
     SubscriptionConfig,
-    SubscriptionMetrics,
     SubscriptionStats,
     validate_name,
 )

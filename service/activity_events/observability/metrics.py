@@ -14,9 +14,11 @@ silent: counters end in ``_total``, durations are in seconds and end in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import time
+from typing import Protocol
 
 from prometheus_client import (
     REGISTRY,
@@ -236,3 +238,103 @@ def _register_runtime_collectors(registry: CollectorRegistry) -> None:
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
+
+
+class SubscriptionState(Protocol):
+    """What the state gauges show of a subscription (``redis.groups.SubscriptionStats``)."""
+
+    @property
+    def lag(self) -> int: ...
+
+    @property
+    def pending(self) -> int: ...
+
+    @property
+    def dead_letters(self) -> int: ...
+
+
+class SubscriptionMetrics:
+    """Per-subscription metrics (prefix ``activity_subscription_``) on the given registry.
+
+    Counters count what this replica did; gauges are refreshed from Redis by
+    whichever replica last looked, so dashboards take ``max`` across replicas.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        label = ["subscription"]
+        self.delivered = Counter(
+            "activity_subscription_delivered_total",
+            "Events delivered to consumers (first deliveries and redeliveries).",
+            label,
+            registry=registry,
+        )
+        self.acknowledged = Counter(
+            "activity_subscription_acknowledged_total",
+            "Events acknowledged by consumers.",
+            label,
+            registry=registry,
+        )
+        self.redeliveries = Counter(
+            "activity_subscription_redeliveries_total",
+            "Events delivered again after their visibility timeout expired.",
+            label,
+            registry=registry,
+        )
+        self.dead_lettered = Counter(
+            "activity_subscription_dead_lettered_total",
+            "Events moved to the dead letters after max_deliveries deliveries.",
+            label,
+            registry=registry,
+        )
+        self.lag = Gauge(
+            "activity_subscription_lag",
+            "Events stored but not yet delivered to any consumer of the subscription.",
+            label,
+            registry=registry,
+        )
+        self.pending = Gauge(
+            "activity_subscription_pending",
+            "Events delivered and not yet acknowledged.",
+            label,
+            registry=registry,
+        )
+        self.dead_letters = Gauge(
+            "activity_subscription_dead_letters",
+            "Events currently in the subscription's dead letters.",
+            label,
+            registry=registry,
+        )
+        self.consumers = Gauge(
+            "activity_subscription_consumers",
+            "Consumers of the subscription connected to this replica.",
+            label,
+            registry=registry,
+        )
+
+    def observe(self, name: str, stats: SubscriptionState) -> None:
+        self.lag.labels(name).set(stats.lag)
+        self.pending.labels(name).set(stats.pending)
+        self.dead_letters.labels(name).set(stats.dead_letters)
+
+    def stop_observing(self, name: str) -> None:
+        """This replica no longer refreshes the subscription's state gauges (its
+        last consumer here left): drop them rather than leave stale values for
+        ``max`` across replicas to pick up."""
+        for metric in (self.lag, self.pending, self.dead_letters):
+            with contextlib.suppress(KeyError):
+                metric.remove(name)
+
+    def forget(self, name: str) -> None:
+        """Drop a deleted subscription's series."""
+        for metric in (
+            self.delivered,
+            self.acknowledged,
+            self.redeliveries,
+            self.dead_lettered,
+            self.lag,
+            self.pending,
+            self.dead_letters,
+            self.consumers,
+        ):
+            with contextlib.suppress(KeyError):
+                metric.remove(name)

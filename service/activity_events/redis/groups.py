@@ -22,7 +22,6 @@ deployments). Its settings live in the registry hash ``ae:subscriptions``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
@@ -30,12 +29,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis import exceptions as rexc
 
 from activity_events.domain.errors import InvalidArgument, NotFound, StoreUnavailable
 from activity_events.domain.events import Cursor, StoredEvent
 from activity_events.domain.limits import ALL
+from activity_events.observability.metrics import SubscriptionMetrics
 from activity_events.redis import keys
 from activity_events.redis.scripts import LuaScript, run_pipelined
 from activity_events.redis.store import Batch, EventStore
@@ -149,93 +148,6 @@ class DeadLetter:
     deliveries: int
     consumer: str
     time_ms: int
-
-
-class SubscriptionMetrics:
-    """Per-subscription metrics (prefix ``activity_subscription_``) on the given registry.
-
-    Counters count what this replica did; gauges are refreshed from Redis by
-    whichever replica last looked, so dashboards take ``max`` across replicas.
-    """
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        label = ["subscription"]
-        self.delivered = Counter(
-            "activity_subscription_delivered_total",
-            "Events delivered to consumers (first deliveries and redeliveries).",
-            label,
-            registry=registry,
-        )
-        self.acknowledged = Counter(
-            "activity_subscription_acknowledged_total",
-            "Events acknowledged by consumers.",
-            label,
-            registry=registry,
-        )
-        self.redeliveries = Counter(
-            "activity_subscription_redeliveries_total",
-            "Events delivered again after their visibility timeout expired.",
-            label,
-            registry=registry,
-        )
-        self.dead_lettered = Counter(
-            "activity_subscription_dead_lettered_total",
-            "Events moved to the dead letters after max_deliveries deliveries.",
-            label,
-            registry=registry,
-        )
-        self.lag = Gauge(
-            "activity_subscription_lag",
-            "Events stored but not yet delivered to any consumer of the subscription.",
-            label,
-            registry=registry,
-        )
-        self.pending = Gauge(
-            "activity_subscription_pending",
-            "Events delivered and not yet acknowledged.",
-            label,
-            registry=registry,
-        )
-        self.dead_letters = Gauge(
-            "activity_subscription_dead_letters",
-            "Events currently in the subscription's dead letters.",
-            label,
-            registry=registry,
-        )
-        self.consumers = Gauge(
-            "activity_subscription_consumers",
-            "Consumers of the subscription connected to this replica.",
-            label,
-            registry=registry,
-        )
-
-    def observe(self, name: str, stats: SubscriptionStats) -> None:
-        self.lag.labels(name).set(stats.lag)
-        self.pending.labels(name).set(stats.pending)
-        self.dead_letters.labels(name).set(stats.dead_letters)
-
-    def stop_observing(self, name: str) -> None:
-        """This replica no longer refreshes the subscription's state gauges (its
-        last consumer here left): drop them rather than leave stale values for
-        ``max`` across replicas to pick up."""
-        for metric in (self.lag, self.pending, self.dead_letters):
-            with contextlib.suppress(KeyError):
-                metric.remove(name)
-
-    def forget(self, name: str) -> None:
-        """Drop a deleted subscription's series."""
-        for metric in (
-            self.delivered,
-            self.acknowledged,
-            self.redeliveries,
-            self.dead_lettered,
-            self.lag,
-            self.pending,
-            self.dead_letters,
-            self.consumers,
-        ):
-            with contextlib.suppress(KeyError):
-                metric.remove(name)
 
 
 def _is(error: object, code: str) -> bool:
