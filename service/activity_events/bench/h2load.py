@@ -21,7 +21,9 @@ import re
 import resource
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -68,6 +70,48 @@ async def _stored_events(ctx: Context, deployment: int) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class _Run:
+    text: str
+    """What h2load printed."""
+    seconds: float
+    """h2load's own "finished in" (the wall time of the run when it did not say)."""
+    fields: dict[str, Any]
+    """The meter's fields, h2load's CPU counted in the client's."""
+
+
+async def _run_measured(ctx: Context, argv: list[str], label: str) -> _Run:
+    """Run h2load under the meter (killed past ten times ``--timeout``); raises
+    ScenarioError when it fails."""
+    ctx.progress.begin(label, 0)
+    meter = ctx.meter()
+    children_before = _children_cpu()
+    meter.start()
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), ctx.options.timeout * 10)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    wall = meter.stop()
+    children_cpu = _children_cpu() - children_before
+    text = output.decode(errors="replace")
+    if process.returncode != 0:
+        raise ScenarioError(f"h2load exited {process.returncode}: {text[-500:]}")
+    match = _FINISHED.search(text)
+    seconds = wall
+    if match:
+        seconds = float(match.group(1)) / (1000.0 if match.group(2) == "ms" else 1.0)
+    fields = meter.fields()
+    fields["client_cpu_pct"] = round(
+        (fields.get("client_cpu_pct") or 0.0) + 100.0 * children_cpu / wall, 1
+    )
+    return _Run(text, seconds, fields)
+
+
 async def run_create_h2load(ctx: Context) -> Result:
     """Unary CreateEvent from h2load: ``connections`` sessions, ``concurrency`` streams in all."""
     o = ctx.options
@@ -92,24 +136,7 @@ async def run_create_h2load(ctx: Context) -> Result:
             "--log-file", str(log),
             f"http://{o.target}{_METHOD}",
         ]  # fmt: skip
-        ctx.progress.begin("create (h2load)", 0)
-        meter = ctx.meter()
-        children_before = _children_cpu()
-        meter.start()
-        process = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-        )
-        try:
-            output, _ = await asyncio.wait_for(process.communicate(), o.timeout * 10)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-            raise
-        wall = meter.stop()
-        children_cpu = _children_cpu() - children_before
-        text = output.decode(errors="replace")
-        if process.returncode != 0:
-            raise ScenarioError(f"h2load exited {process.returncode}: {text[-500:]}")
+        run = await _run_measured(ctx, argv, "create (h2load)")
         latencies_us: list[int] = []
         statuses = 0
         for line in log.read_text().splitlines():
@@ -117,15 +144,8 @@ async def run_create_h2load(ctx: Context) -> Result:
             if len(columns) >= 3:
                 latencies_us.append(int(columns[2]))
                 statuses += columns[1] != "200"
-    match = _FINISHED.search(text)
-    seconds = wall
-    if match:
-        seconds = float(match.group(1)) / (1000.0 if match.group(2) == "ms" else 1.0)
+    seconds, fields = run.seconds, run.fields
     stored = await _stored_events(ctx, o.base)
-    fields = meter.fields()
-    fields["client_cpu_pct"] = round(
-        (fields.get("client_cpu_pct") or 0.0) + 100.0 * children_cpu / wall, 1
-    )
     return {
         "events": stored,
         "seconds": round(seconds, 3),
@@ -204,38 +224,15 @@ async def run_read_h2load(ctx: Context, scenario: str) -> Result:
             "--header", "te: trailers",
             f"http://{o.target}{_STREAMING[scenario]}",
         ]  # fmt: skip
-        ctx.progress.begin(f"{scenario} (h2load)", 0)
-        meter = ctx.meter()
-        children_before = _children_cpu()
-        meter.start()
-        process = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-        )
-        try:
-            output, _ = await asyncio.wait_for(process.communicate(), o.timeout * 10)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-            raise
-        wall = meter.stop()
-        children_cpu = _children_cpu() - children_before
-    text = output.decode(errors="replace")
-    if process.returncode != 0:
-        raise ScenarioError(f"h2load exited {process.returncode}: {text[-500:]}")
-    match, traffic = _FINISHED.search(text), _DATA_BYTES.search(text)
+        run = await _run_measured(ctx, argv, f"{scenario} (h2load)")
+    traffic = _DATA_BYTES.search(run.text)
     if traffic is None:
-        raise ScenarioError(f"h2load printed no traffic line: {text[-500:]}")
-    seconds = wall
-    if match:
-        seconds = float(match.group(1)) / (1000.0 if match.group(2) == "ms" else 1.0)
+        raise ScenarioError(f"h2load printed no traffic line: {run.text[-500:]}")
+    seconds, fields = run.seconds, run.fields
     per_reader_events, per_reader_bytes = await _expected_data_bytes(ctx, scenario, ids[0])
     data = int(traffic.group(3))
     complete = data == per_reader_bytes * o.concurrency and per_reader_events == o.count
     events = per_reader_events * o.concurrency if complete else 0
-    fields = meter.fields()
-    fields["client_cpu_pct"] = round(
-        (fields.get("client_cpu_pct") or 0.0) + 100.0 * children_cpu / wall, 1
-    )
     return {
         "events": events,
         "seconds": round(seconds, 3),
