@@ -275,7 +275,7 @@ class ActivityEventsService:
             if not batch:
                 continue
             if overlapping and watch.deployment != ALL:
-                overlapping = not watch.is_new(batch.first())
+                overlapping = not batch.starts_after(watch.seen)  # seen holds ``after``
             if not overlapping and watch.remaining is None:
                 watch.sent_live(batch.run_lasts())
                 for message, last in batch.messages(wire.watch_piece, self._max_message):
@@ -359,15 +359,6 @@ class _Watch:
 
     def resume_hint(self) -> str | None:
         return last_cursor(self.seen)
-
-    def is_new(self, event: StoredEvent | None) -> bool:
-        """Whether ``event`` is newer than anything of its deployment sent (or the
-        cursor the watch started after)."""
-        if event is None:
-            return False
-        cursor = event.cursor
-        prior = self.seen.get(cursor.deployment_id)  # holds ``after`` from the start
-        return prior is None or prior.key() < cursor.key()
 
     def fresh(self, events: Sequence[E]) -> list[E]:
         """The events not sent yet (in order), up to the limit, noted as sent."""

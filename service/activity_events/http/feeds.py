@@ -138,9 +138,7 @@ async def _live(hub: Hub, sub: Follower, seen: dict[int, Cursor]) -> AsyncGenera
                 yield SSE_KEEPALIVE
             continue
         if overlapping and sub.deployment_id != ALL:
-            first = batch.first()
-            prior = seen.get(sub.deployment_id)
-            overlapping = first is None or (prior is not None and first.cursor.key() <= prior.key())
+            overlapping = not batch.starts_after(seen)
         if not overlapping:
             last = batch.last()
             assert last is not None

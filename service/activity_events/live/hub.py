@@ -169,11 +169,17 @@ class Batch:
         chunk, _, stop = self.runs[-1]
         return chunk.events[stop - 1]
 
-    def first(self) -> LiveEvent | None:
+    def starts_after(self, sent: dict[int, Cursor]) -> bool:
+        """Whether the batch's first event is newer than the newest of its
+        deployment in ``sent``. For a follower of one deployment every later
+        batch then is too (its events reach the log in order); the log of all
+        deployments interleaves streams, so there it says nothing of the rest."""
         if not self.runs:
-            return None
+            return False
         chunk, start, _ = self.runs[0]
-        return chunk.events[start]
+        cursor = chunk.events[start].cursor
+        prior = sent.get(cursor.deployment_id)
+        return prior is None or prior.key() < cursor.key()
 
     def run_lasts(self) -> list[LiveEvent]:
         """The last event of each run (each the newest of its chunk's part)."""
