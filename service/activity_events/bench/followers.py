@@ -43,6 +43,7 @@ import redis.asyncio as aioredis
 from activity_events.bench.channels import ChannelPool
 from activity_events.bench.scenarios import Context, Result, ScenarioError, cursor_ms, make_event
 from activity_events.bench.stats import latency_fields, process_rss_mb
+from activity_events.codec.wire import CAUGHT_UP
 from activity_events.pb import activityevents_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -55,9 +56,6 @@ _WORKER_EXIT_S = 10.0
 _SAMPLER_NAME = "activity-bench"
 
 _WATCH_METHOD = "/activityevents.ActivityEvents/WatchEvents"
-
-_MARKER_MAX = 16
-"""Longer WatchEventsResponse messages hold events, so cannot be the caught-up marker."""
 
 
 @dataclass
@@ -76,9 +74,10 @@ class FollowerGroup:
     """The followers of one process, their latency samples and their outcome.
 
     ``after`` is the cursor the followers start after ("": the whole history).
-    ``light`` followers do not parse what they receive (only the small caught-up
-    marker): they measure no latency and no drops, and cost their process a
-    fraction of the CPU, so that a storm of them loads the server, not the client.
+    ``light`` followers do not parse what they receive (they only compare each
+    message with the caught-up marker, whose encoding is canonical): they
+    measure no latency and no drops, and cost their process a fraction of the
+    CPU, so that a storm of them loads the server, not the client.
     """
 
     def __init__(self, deployments: list[int], after: str = "", *, light: bool = False) -> None:
@@ -113,11 +112,7 @@ class FollowerGroup:
 
         def count(message: bytes) -> None:
             follower.bytes_read += len(message)
-            if (
-                len(message) < _MARKER_MAX
-                and not follower.caught_up
-                and pb.WatchEventsResponse.FromString(message).caught_up
-            ):
+            if message == CAUGHT_UP and not follower.caught_up:
                 self._caught_up(follower)
 
         await self._watch(follower, call, count)
